@@ -1,0 +1,152 @@
+"""The one frozen configuration of a vna process.
+
+Sources, strongest first: command-line flags, environment (``VNA__`` prefix, ``__`` between nested
+names, e.g. ``VNA__DICOM__MAX_ASSOCIATIONS=50``), an optional YAML or TOML file (``--config``), defaults.
+`Settings.load` validates once, at start, and every part of the program receives the frozen result.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsError, InitSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
+
+from archive.errors import ConfigError
+
+_AE_CHARS = set(" !\"#$%&'()*+,-./0123456789:;<=>?@ABCDEFGHIJKLMNOPQRSTUVWXYZ[]^_`abcdefghijklmnopqrstuvwxyz{|}~")
+
+
+def validate_ae_title(value: str) -> str:
+    """PS3.5 6.2 (AE VR): 1-16 characters, no backslash or control characters, not all spaces."""
+    stripped = value.strip()
+    if not stripped or len(value) > 16 or not set(value) <= _AE_CHARS:
+        raise ValueError(f"{value!r} is not a valid AE title (1-16 printable characters, no backslash)")
+    return stripped
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class DicomSettings(_Section):
+    host: str = "0.0.0.0"
+    port: int = Field(11112, ge=0, le=65535)
+    max_associations: int = Field(64, ge=1)
+    max_associations_per_ae: int = Field(16, ge=1)
+    # PS3.8 9.3.1: the receiver's maximum P-DATA-TF PDU length we announce (0 would mean unlimited)
+    max_pdu_length: int = Field(262_144, ge=4096, le=2**32 - 1)
+    acse_timeout: float = Field(30.0, gt=0)
+    dimse_timeout: float = Field(60.0, gt=0)
+    network_timeout: float = Field(60.0, gt=0)
+    check_called_ae: bool = True
+    calling_ae_allowlist: Annotated[tuple[str, ...], NoDecode] = ()  # comma-separated in env
+    # the largest PDU a peer may send us, whatever it negotiated: protects memory
+    max_pdu_accept: int = Field(16 * 2**20, ge=4096)
+
+    @field_validator("calling_ae_allowlist", mode="before")
+    @classmethod
+    def _split(cls, v: Any) -> Any:
+        return tuple(x for x in v.split(",") if x) if isinstance(v, str) else v
+
+
+class HttpSettings(_Section):
+    host: str = "0.0.0.0"
+    port: int = Field(8080, ge=0, le=65535)
+    drain_timeout: float = Field(20.0, gt=0)
+
+
+class DatabaseSettings(_Section):
+    url: str | None = None  # None: the embedded PostgreSQL under data_dir
+    pool_min: int = Field(2, ge=1)
+    pool_max: int = Field(16, ge=1)
+    command_timeout: float = Field(30.0, gt=0)
+
+
+class StorageBackend(str, Enum):
+    filesystem = "filesystem"
+
+
+class StorageSettings(_Section):
+    backend: StorageBackend = StorageBackend.filesystem
+    root: Path | None = None  # None: <data_dir>/objects
+    fsync: bool = True
+
+
+class DuplicatePolicy(str, Enum):
+    reject = "reject"
+    keep_newest = "keep-newest"
+
+
+class IngestSettings(_Section):
+    duplicate_policy: DuplicatePolicy = DuplicatePolicy.reject
+    max_instance_bytes: int = Field(2 * 2**30, ge=1024)
+    # an object written but never indexed (a crash between the two) is removed after this age
+    orphan_grace_seconds: float = Field(600.0, ge=0)
+
+
+class Settings(BaseSettings):
+    """Everything configurable. Frozen: build it once with `Settings.load` and pass it down."""
+
+    model_config = SettingsConfigDict(env_prefix="VNA__", env_nested_delimiter="__", frozen=True,
+                                      extra="forbid", case_sensitive=False)
+
+    data_dir: Path = Path(".data")
+    ae_title: str = "VNA"
+    log_level: str = "INFO"
+    dicom: DicomSettings = DicomSettings()
+    http: HttpSettings = HttpSettings()
+    database: DatabaseSettings = DatabaseSettings()
+    storage: StorageSettings = StorageSettings()
+    ingest: IngestSettings = IngestSettings()
+
+    @field_validator("ae_title")
+    @classmethod
+    def _check_ae(cls, v: str) -> str:
+        return validate_ae_title(v)
+
+    @property
+    def object_root(self) -> Path:
+        return self.storage.root or self.data_dir / "objects"
+
+    @classmethod
+    def load(cls, overrides: dict[str, Any] | None = None, config_file: Path | None = None) -> "Settings":
+        """Merge flags (`overrides`, nested dicts), environment and file; raise ConfigError if invalid."""
+        file_data = _read_config_file(config_file) if config_file else {}
+
+        class _Loaded(cls):  # type: ignore[valid-type, misc]
+            @classmethod
+            def settings_customise_sources(cls, settings_cls: type[BaseSettings],
+                                           init_settings: PydanticBaseSettingsSource,
+                                           env_settings: PydanticBaseSettingsSource,
+                                           dotenv_settings: PydanticBaseSettingsSource,
+                                           file_secret_settings: PydanticBaseSettingsSource,
+                                           ) -> tuple[PydanticBaseSettingsSource, ...]:
+                return init_settings, env_settings, InitSettingsSource(settings_cls, file_data)
+
+        try:
+            loaded = _Loaded(**(overrides or {}))
+        except SettingsError as exc:
+            raise ConfigError(f"invalid configuration in the environment: {exc}") from exc
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            raise ConfigError(f"invalid configuration: {problems}") from exc
+        return loaded
+
+
+def _read_config_file(path: Path) -> dict[str, Any]:
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+    try:
+        data = tomllib.loads(text) if str(path).endswith(".toml") else yaml.safe_load(text)
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"config file {path} is not valid {'TOML' if str(path).endswith('.toml') else 'YAML'}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return data

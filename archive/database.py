@@ -1,0 +1,62 @@
+"""PostgreSQL connection pool and versioned schema migrations."""
+
+from __future__ import annotations
+
+import json
+import re
+from importlib import resources
+
+import asyncpg
+
+from archive.errors import DatabaseError
+
+# Any fixed number: every replica takes the same advisory lock so only one migrates at a time.
+_MIGRATION_LOCK = 0x766E61  # "vna"
+
+
+def _migrations() -> list[tuple[int, str, str]]:
+    """(version, name, sql) for every archive/migrations/NNNN_name.sql, in order."""
+    found = []
+    for entry in resources.files("archive.migrations").iterdir():
+        m = re.fullmatch(r"(\d{4})_(\w+)\.sql", entry.name)
+        if m:
+            found.append((int(m.group(1)), m.group(2), entry.read_text()))
+    return sorted(found)
+
+
+async def migrate(conn: asyncpg.Connection, *, timeout: float = 60.0) -> list[int]:
+    """Apply the migrations this database lacks, each in its own transaction; return those applied."""
+    applied = []
+    try:
+        await conn.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK, timeout=timeout)
+        try:
+            await conn.execute("CREATE TABLE IF NOT EXISTS schema_migration (version integer PRIMARY KEY,"
+                               " name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())")
+            done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migration")}
+            for version, name, sql in _migrations():
+                if version in done:
+                    continue
+                async with conn.transaction():
+                    await conn.execute(sql, timeout=timeout)
+                    await conn.execute("INSERT INTO schema_migration (version, name) VALUES ($1, $2)",
+                                       version, name)
+                applied.append(version)
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK)
+    except (asyncpg.PostgresError, OSError) as exc:
+        raise DatabaseError(f"migration failed: {exc}") from exc
+    return applied
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+
+
+async def create_pool(dsn: str, *, min_size: int, max_size: int, command_timeout: float,
+                      timeout: float = 30.0) -> asyncpg.Pool:
+    """A pool whose connections decode jsonb to Python objects."""
+    try:
+        return await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size, timeout=timeout,
+                                         command_timeout=command_timeout, init=_init_connection)
+    except (asyncpg.PostgresError, OSError) as exc:
+        raise DatabaseError(f"cannot connect to PostgreSQL: {exc}") from exc

@@ -1,0 +1,167 @@
+"""The index in PostgreSQL: what is stored, where, and what queries match on."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+
+from archive.attributes import Level
+from archive.config import DuplicatePolicy
+from archive.errors import DatabaseError, MisuseError
+from archive.instance import ParsedInstance
+from archive.objectstore import StoredObject
+from archive.query import Query, build_sql, row_to_json
+
+
+@dataclass(frozen=True, slots=True)
+class StoreOutcome:
+    outcome: str  # 'stored' | 'duplicate' | 'conflict' | 'replaced'
+    obsolete_store: str | None  # an object the caller must delete now (replaced or unneeded copy)
+    obsolete_location: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class LocatedInstance:
+    """Everything a retrieve needs to send one instance."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax_uid: str
+    store: str
+    location: str
+    dataset_offset: int
+    size: int
+    digest: str
+
+
+@dataclass(frozen=True, slots=True)
+class ApplicationEntity:
+    ae_title: str
+    host: str
+    port: int
+
+
+# what a failed or unreachable PostgreSQL raises through asyncpg
+_DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+
+
+def _translate(exc: Exception) -> DatabaseError:
+    return DatabaseError(f"index: {exc}")
+
+
+_STORE_SQL = "SELECT outcome, old_store, old_location FROM vna_store_instance(" + ", ".join(
+    f"${n}" for n in range(1, 42)) + ")"
+
+
+class Index:
+    """All reads and writes of the index go through here; every call takes a keyword-only timeout."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+
+    async def store_instance(self, parsed: ParsedInstance, obj: StoredObject, *, store: str, dataset_offset: int,
+                             source: str, policy: DuplicatePolicy, timeout: float) -> StoreOutcome:
+        """Index one instance whose object is already durable (one transaction, one round trip)."""
+        c = parsed.columns
+        la = parsed.level_attrs
+        args = (
+            c["patient_id"], c["issuer_of_patient_id"], c["patient_name"], c["patient_birth_date"],
+            c["patient_sex"], la[Level.PATIENT],
+            parsed.study_instance_uid, c["study_date"], c["study_time"], c["accession_number"], c["study_id"],
+            c["referring_physician_name"], c["study_description"], la[Level.STUDY],
+            parsed.series_instance_uid, c["modality"], c["series_number"], c["series_description"],
+            c["series_date"], c["series_time"], c["body_part_examined"], c["institution_name"],
+            c["pps_start_date"], c["pps_start_time"], la[Level.SERIES],
+            parsed.sop_instance_uid, parsed.sop_class_uid, c["instance_number"], c["content_date"],
+            c["content_time"], c["acquisition_datetime"], parsed.transfer_syntax_uid, store, obj.location,
+            obj.size, obj.digest, dataset_offset, la[Level.IMAGE], json.dumps(parsed.metadata), source,
+            policy.value,
+        )
+        try:
+            row = await self.pool.fetchrow(_STORE_SQL, *args, timeout=timeout)
+        except _DB_ERRORS as exc:
+            raise _translate(exc) from exc
+        return StoreOutcome(row["outcome"], row["old_store"], row["old_location"])
+
+    async def find(self, query: Query, *, timeout: float) -> list[dict[str, Any]]:
+        """DICOM JSON of every entity matching `query`, in a stable order."""
+        sql, args = build_sql(query)
+        try:
+            rows = await self.pool.fetch(sql, *args, timeout=timeout)
+        except _DB_ERRORS as exc:
+            raise _translate(exc) from exc
+        return [row_to_json(query, r) for r in rows]
+
+    async def iter_find(self, query: Query, *, timeout: float, batch: int = 200) -> AsyncIterator[dict[str, Any]]:
+        """Like `find`, but streams rows with a cursor (large C-FIND answers, cancellable)."""
+        sql, args = build_sql(query)
+        try:
+            async with self.pool.acquire(timeout=timeout) as conn, conn.transaction(readonly=True):
+                async for row in conn.cursor(sql, *args, prefetch=batch, timeout=timeout):
+                    yield row_to_json(query, row)
+        except _DB_ERRORS as exc:
+            raise _translate(exc) from exc
+
+    async def locate(self, query: Query, *, timeout: float) -> list[LocatedInstance]:
+        """Every instance at or under the entities `query` matches (C-MOVE, C-GET, WADO)."""
+        image_query = Query(level=Level.IMAGE, keys=query.keys, top=query.top)
+        sql, args = build_sql(image_query, select="i.sop_class_uid, i.sop_instance_uid, i.transfer_syntax_uid, "
+                                                  "i.store, i.location, i.dataset_offset, i.size, i.digest")
+        try:
+            rows = await self.pool.fetch(sql, *args, timeout=timeout)
+        except _DB_ERRORS as exc:
+            raise _translate(exc) from exc
+        return [LocatedInstance(*r) for r in rows]
+
+    async def has_object(self, store: str, location: str, *, timeout: float) -> bool:
+        try:
+            return await self.pool.fetchval("SELECT EXISTS (SELECT 1 FROM instance WHERE store = $1 AND location = $2)",
+                                            store, location, timeout=timeout)
+        except _DB_ERRORS as exc:
+            raise _translate(exc) from exc
+
+    async def count_instances(self, *, timeout: float) -> int:
+        try:
+            return await self.pool.fetchval("SELECT count(*) FROM instance", timeout=timeout)
+        except _DB_ERRORS as exc:
+            raise _translate(exc) from exc
+
+    # -- Application Entities (C-MOVE destinations) -----------------------------------------------
+    async def ae_add(self, ae: ApplicationEntity, *, timeout: float) -> None:
+        try:
+            await self.pool.execute(
+                "INSERT INTO application_entity (ae_title, host, port) VALUES ($1, $2, $3) "
+                "ON CONFLICT (ae_title) DO UPDATE SET host = EXCLUDED.host, port = EXCLUDED.port",
+                ae.ae_title, ae.host, ae.port, timeout=timeout)
+        except asyncpg.CheckViolationError as exc:
+            raise MisuseError(f"port {ae.port} is out of range") from exc
+        except _DB_ERRORS as exc:
+            raise _translate(exc) from exc
+
+    async def ae_remove(self, ae_title: str, *, timeout: float) -> bool:
+        try:
+            result = await self.pool.execute("DELETE FROM application_entity WHERE ae_title = $1", ae_title,
+                                             timeout=timeout)
+        except _DB_ERRORS as exc:
+            raise _translate(exc) from exc
+        return result.endswith(" 1")
+
+    async def ae_get(self, ae_title: str, *, timeout: float) -> ApplicationEntity | None:
+        try:
+            row = await self.pool.fetchrow("SELECT ae_title, host, port FROM application_entity WHERE ae_title = $1",
+                                           ae_title, timeout=timeout)
+        except _DB_ERRORS as exc:
+            raise _translate(exc) from exc
+        return ApplicationEntity(*row) if row else None
+
+    async def ae_list(self, *, timeout: float) -> list[ApplicationEntity]:
+        try:
+            rows = await self.pool.fetch("SELECT ae_title, host, port FROM application_entity ORDER BY ae_title",
+                                         timeout=timeout)
+        except _DB_ERRORS as exc:
+            raise _translate(exc) from exc
+        return [ApplicationEntity(*r) for r in rows]

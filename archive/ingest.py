@@ -1,0 +1,124 @@
+"""The one ingest path. C-STORE and STOW-RS both end here.
+
+Order of work, so that nothing acknowledged is lost and nothing half-stored is visible:
+1. parse and validate (no I/O); refuse with InvalidInstance;
+2. write the object durably under a key derived from its UIDs and digest;
+3. index it in one transaction (the duplicate policy is applied there, under a row lock);
+4. only then report success. A crash between 2 and 3 leaves an object that no index row names:
+   `sweep_orphans` deletes such objects once they are older than the grace period.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from dataclasses import dataclass
+
+from archive.config import IngestSettings
+from archive.errors import DuplicateConflict, InvalidInstance, VnaError
+from archive.index import Index
+from archive.instance import ParsedInstance, file_meta, parse_instance, split_part10
+from archive.objectstore import ObjectStore
+from metrics.registry import Metrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class IngestResult:
+    parsed: ParsedInstance
+    outcome: str  # 'stored' | 'duplicate' | 'replaced'
+
+
+def _digest(parts: list[bytes]) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p)
+    return "sha256:" + h.hexdigest()
+
+
+class Ingestor:
+    def __init__(self, index: Index, store: ObjectStore, settings: IngestSettings, metrics: Metrics, *,
+                 db_timeout: float = 30.0, store_timeout: float = 60.0) -> None:
+        self.index = index
+        self.store = store
+        self.settings = settings
+        self.metrics = metrics
+        self._db_timeout = db_timeout
+        self._store_timeout = store_timeout
+
+    async def ingest_dataset(self, dataset: bytes, *, transfer_syntax_uid: str, protocol: str, source: str,
+                             source_ae: str | None = None, affected_sop_class_uid: str | None = None,
+                             affected_sop_instance_uid: str | None = None) -> IngestResult:
+        """Store a data set received without File Meta Information (C-STORE), exactly as received."""
+        parsed = self._parse(dataset, transfer_syntax_uid, affected_sop_class_uid, affected_sop_instance_uid)
+        meta = file_meta(parsed.sop_class_uid, parsed.sop_instance_uid, transfer_syntax_uid, source_ae)
+        return await self._commit(parsed, [meta, dataset], len(meta), protocol=protocol, source=source)
+
+    async def ingest_part10(self, data: bytes, *, protocol: str, source: str) -> IngestResult:
+        """Store a PS3.10 file (STOW-RS) exactly as received, File Meta Information included."""
+        try:
+            ts, offset = split_part10(data)
+        except InvalidInstance as exc:
+            self.metrics.ingest_failures.labels(exc.code).inc()
+            raise
+        parsed = self._parse(data[offset:], ts, None, None)
+        return await self._commit(parsed, [data], offset, protocol=protocol, source=source)
+
+    def _parse(self, dataset: bytes, ts: str, sop_class: str | None, sop_instance: str | None) -> ParsedInstance:
+        try:
+            if len(dataset) > self.settings.max_instance_bytes:
+                raise InvalidInstance(f"instance of {len(dataset)} bytes exceeds the limit of "
+                                      f"{self.settings.max_instance_bytes}", status=0xA700, code="too-large")
+            return parse_instance(dataset, ts, affected_sop_class_uid=sop_class,
+                                  affected_sop_instance_uid=sop_instance)
+        except InvalidInstance as exc:
+            self.metrics.ingest_failures.labels(exc.code).inc()
+            raise
+
+    async def _commit(self, parsed: ParsedInstance, parts: list[bytes], dataset_offset: int, *,
+                      protocol: str, source: str) -> IngestResult:
+        started = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        try:
+            digest = await loop.run_in_executor(None, _digest, parts)
+            key = (f"{parsed.study_instance_uid}/{parsed.series_instance_uid}/"
+                   f"{parsed.sop_instance_uid}.{digest[7:23]}.dcm")
+            obj = await self.store.put(key, parts, digest=digest, timeout=self._store_timeout)
+            result = await self.index.store_instance(
+                parsed, obj, store=self.store.name, dataset_offset=dataset_offset, source=source,
+                policy=self.settings.duplicate_policy, timeout=self._db_timeout)
+        except VnaError as exc:
+            self.metrics.ingest_failures.labels(type(exc).__name__).inc()
+            raise
+        if result.obsolete_location is not None:
+            await self._discard(result.obsolete_location)
+        if result.outcome == "conflict":
+            self.metrics.ingest_failures.labels("conflict").inc()
+            raise DuplicateConflict(f"SOP Instance {parsed.sop_instance_uid} is already stored with other "
+                                    "content (duplicate policy: reject)")
+        self.metrics.stored_instances.labels(result.outcome, protocol).inc()
+        self.metrics.stored_bytes.labels(protocol).inc(sum(map(len, parts)))
+        self.metrics.ingest_latency.labels(protocol).observe(time.perf_counter() - started)
+        return IngestResult(parsed, result.outcome)
+
+    async def _discard(self, location: str) -> None:
+        # The index no longer names this object; if the delete fails the orphan sweeper retries it.
+        try:
+            await self.store.delete(location, timeout=self._store_timeout)
+        except VnaError as exc:
+            log.warning("could not delete obsolete object %s: %s", location, exc)
+
+
+async def sweep_orphans(index: Index, store: ObjectStore, *, grace_seconds: float, metrics: Metrics,
+                        timeout: float = 30.0) -> int:
+    """Delete objects older than `grace_seconds` that no index row names; return how many."""
+    removed = 0
+    async for location in store.list_older_than(grace_seconds):
+        if ".tmp-" in location or not await index.has_object(store.name, location, timeout=timeout):
+            await store.delete(location, timeout=timeout)
+            removed += 1
+    metrics.orphans_removed.inc(removed)
+    return removed

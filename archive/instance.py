@@ -1,0 +1,299 @@
+"""Reading one received instance: parse what the index needs, validate, build the PS3.10 file.
+
+Pure functions, no I/O: the received bytes are kept as they are (never re-encoded); pydicom reads
+them lazily to extract the attributes the index stores.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+import zlib
+from dataclasses import dataclass
+from io import BytesIO
+from typing import Any
+
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset
+from pydicom.filereader import read_dataset, read_preamble, _read_file_meta_info
+from pydicom.uid import UID
+
+from archive.attributes import INDEXED_KEYS, LEVEL_TAGS, Level, Match
+from archive.errors import InvalidInstance
+
+IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.10.1464.1"  # vna's, under the pydicom-registered root
+IMPLEMENTATION_VERSION_NAME = "VNA_010"
+BULK_DATA_THRESHOLD = 1024
+
+# PS3.5 9.1: digits and dots, at most 64 characters, no empty component, no leading zero
+_UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+
+# PS3.4 B.2.3 C-STORE failure statuses
+STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+STATUS_CANNOT_UNDERSTAND = 0xC000
+
+
+def is_valid_uid(value: str) -> bool:
+    return 0 < len(value) <= 64 and _UID_RE.match(value) is not None
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedInstance:
+    """What the index needs to know about one instance."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    transfer_syntax_uid: str
+    columns: dict[str, Any]                 # indexed column name -> normalised value
+    level_attrs: dict[Level, dict[str, Any]]  # DICOM JSON per level
+    metadata: dict[str, Any]                # DICOM JSON of the whole data set, bulk data as URIs
+
+
+def _bulk_uri(elem: DataElement) -> str:
+    # A placeholder the DICOMweb layer turns into an absolute BulkDataURI (PS3.18 F.2.6).
+    return f"bulk/{elem.tag:08X}"
+
+
+def _stop_at_pixel_data(tag: Any, vr: Any, length: int) -> bool:
+    return tag >= 0x7FE00010
+
+
+def normalise_date(value: str | None) -> str | None:
+    """DA to YYYYMMDD; also accepts the ACR-NEMA form YYYY.MM.DD still sent by old modalities."""
+    if not value:
+        return None
+    v = value.strip().replace(".", "")
+    return v if len(v) == 8 and v.isdigit() else None
+
+
+def normalise_time(value: str | None, *, upper: bool = False) -> str | None:
+    """TM to HHMMSS.FFFFFF (PS3.5 6.2); missing components are zero, or the maximum for a range's upper
+    bound (so '1500' as an upper bound covers 15:00:00 to 15:00:59.999999)."""
+    if not value:
+        return None
+    whole, _, frac = value.strip().replace(":", "").partition(".")
+    if not whole.isdigit() or len(whole) not in (2, 4, 6) or (frac and not frac.isdigit()):
+        return None
+    whole += ("595959" if upper else "000000")[len(whole):]
+    frac = (frac + ("9" if upper else "0") * 6)[:6]
+    return f"{whole}.{frac}"
+
+
+def normalise_datetime(value: str | None, *, upper: bool = False) -> str | None:
+    """DT to YYYYMMDDHHMMSS.FFFFFF (offset ignored); partial values padded like times."""
+    if not value:
+        return None
+    v = value.strip()
+    for sign in "+-":
+        if sign in v[4:]:
+            v = v[: 4 + v[4:].index(sign)]
+    whole, _, frac = v.partition(".")
+    if not whole.isdigit() or len(whole) not in (4, 6, 8, 10, 12, 14):
+        return None
+    full = whole + ("1231235959"[len(whole) - 4:] if upper else "0101000000"[len(whole) - 4:])
+    if upper and len(whole) == 6:  # month given: last day varies, 31 still sorts after every day
+        full = whole + "31235959"
+    if frac:
+        frac = (frac + ("9" if upper else "0") * 6)[:6]
+    else:
+        frac = "999999" if upper else "000000"
+    return f"{full}.{frac}"
+
+
+def normalise_pn(value: Any) -> str | None:
+    """The alphabetic group of a PN, lower-cased with trailing empty components removed."""
+    if value is None:
+        return None
+    text = value.get("Alphabetic", "") if isinstance(value, dict) else str(value).split("=")[0]
+    return text.rstrip("^ ").lower() or None
+
+
+def _first(attrs: dict[str, Any], tag_hex: str) -> Any:
+    elem = attrs.get(tag_hex)
+    if not elem:
+        return None
+    values = elem.get("Value")
+    return values[0] if values else None
+
+
+def _column_value(kind: Match, raw: Any) -> Any:
+    if raw is None:
+        return None
+    if kind is Match.PN:
+        return normalise_pn(raw)
+    if kind is Match.DATE:
+        return normalise_date(str(raw))
+    if kind is Match.TIME:
+        return normalise_time(str(raw))
+    if kind is Match.DATETIME:
+        return normalise_datetime(str(raw))
+    if kind is Match.NUMBER:
+        try:
+            return int(raw)
+        except (TypeError, ValueError):
+            return None
+    return str(raw).strip()
+
+
+def _transfer_syntax(transfer_syntax_uid: str) -> UID:
+    ts = UID(transfer_syntax_uid)
+    if not ts.is_transfer_syntax:
+        raise InvalidInstance(f"unknown transfer syntax {transfer_syntax_uid}", status=STATUS_CANNOT_UNDERSTAND)
+    return ts
+
+
+def inflate(data: bytes, ts: UID) -> bytes:
+    """The data set with Deflate (PS3.5 A.5) undone; other syntaxes unchanged."""
+    if not ts.is_deflated:
+        return data
+    try:
+        return zlib.decompress(data, -zlib.MAX_WBITS)
+    except zlib.error as exc:
+        raise InvalidInstance(f"deflated data set does not inflate: {exc}") from exc
+
+
+def read_data_set(buf: bytes, ts: UID) -> Dataset:
+    """Decode the (inflated) data set up to the pixel data, as encoded in `ts`."""
+    try:
+        ds = read_dataset(BytesIO(buf), ts.is_implicit_VR, ts.is_little_endian, stop_when=_stop_at_pixel_data)
+    except Exception as exc:  # pydicom raises many kinds on malformed input: all mean "cannot understand"
+        raise InvalidInstance(f"data set cannot be parsed: {exc}") from exc
+    return ds
+
+
+def check_structure(data: bytes, ts: UID) -> None:
+    """Walk every top-level element header to prove the data set is complete (not truncated).
+
+    pydicom reads values lazily, so a data set cut off inside its pixel data would otherwise parse.
+    Undefined-length items and sequences are delegated to pydicom's full read.
+    """
+    explicit = not ts.is_implicit_VR
+    endian = "<" if ts.is_little_endian else ">"
+    pos, end = 0, len(data)
+    while pos < end:
+        if end - pos < 8:
+            raise InvalidInstance("data set ends inside an element header")
+        group, elem = struct.unpack_from(endian + "HH", data, pos)
+        if explicit and group != 0xFFFE:
+            vr = data[pos + 4:pos + 6]
+            if vr in (b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"):
+                if end - pos < 12:
+                    raise InvalidInstance("data set ends inside an element header")
+                (length,) = struct.unpack_from(endian + "L", data, pos + 8)
+                pos += 12
+            else:
+                (length,) = struct.unpack_from(endian + "H", data, pos + 6)
+                pos += 8
+        else:
+            (length,) = struct.unpack_from(endian + "L", data, pos + 4)
+            pos += 8
+        if length == 0xFFFFFFFF:
+            # undefined length (sequence or encapsulated pixel data): pydicom's reader checks the rest
+            _full_read(data, ts)
+            return
+        if pos + length > end:
+            raise InvalidInstance(f"element ({group:04X},{elem:04X}) claims {length} bytes, "
+                                  f"only {end - pos} remain: the data set is truncated")
+        pos += length
+
+
+def _full_read(data: bytes, ts: UID) -> None:
+    try:
+        ds = read_dataset(BytesIO(data), ts.is_implicit_VR, ts.is_little_endian)
+        for elem in ds.iterall():
+            _ = elem.value
+    except Exception as exc:  # see read_data_set
+        raise InvalidInstance(f"data set cannot be parsed: {exc}") from exc
+
+
+def parse_instance(data: bytes, transfer_syntax_uid: str, *, affected_sop_class_uid: str | None = None,
+                   affected_sop_instance_uid: str | None = None) -> ParsedInstance:
+    """Validate one data set and extract its index attributes (PS3.4 B.2.3 statuses on refusal)."""
+    ts = _transfer_syntax(transfer_syntax_uid)
+    buf = inflate(data, ts)
+    check_structure(buf, ts)
+    ds = read_data_set(buf, ts)
+    try:
+        metadata = ds.to_json_dict(BULK_DATA_THRESHOLD, _bulk_uri, suppress_invalid_tags=True)
+    except Exception as exc:  # see read_data_set
+        raise InvalidInstance(f"data set cannot be decoded: {exc}") from exc
+
+    uids = {}
+    for keyword, tag_hex in (("SOPClassUID", "00080016"), ("SOPInstanceUID", "00080018"),
+                             ("StudyInstanceUID", "0020000D"), ("SeriesInstanceUID", "0020000E")):
+        value = _first(metadata, tag_hex)
+        value = str(value).strip("\0 ") if value is not None else ""
+        if not value:
+            raise InvalidInstance(f"{keyword} is missing", status=STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS,
+                                  code="missing-attribute")
+        if not is_valid_uid(value):
+            raise InvalidInstance(f"{keyword} {value!r} is not a valid UID (PS3.5 9.1)",
+                                  status=STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS, code="invalid-uid")
+        uids[keyword] = value
+    if affected_sop_class_uid and affected_sop_class_uid != uids["SOPClassUID"]:
+        raise InvalidInstance(f"SOPClassUID {uids['SOPClassUID']} differs from the request's "
+                              f"{affected_sop_class_uid}", status=STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS,
+                              code="sop-class-mismatch")
+    if affected_sop_instance_uid and affected_sop_instance_uid != uids["SOPInstanceUID"]:
+        raise InvalidInstance(f"SOPInstanceUID {uids['SOPInstanceUID']} differs from the request's "
+                              f"{affected_sop_instance_uid}", status=STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS,
+                              code="sop-instance-mismatch")
+
+    level_attrs: dict[Level, dict[str, Any]] = {lvl: {} for lvl in Level}
+    for tag_hex, elem in metadata.items():
+        tag = int(tag_hex, 16)
+        for lvl in (Level.STUDY, Level.SERIES, Level.IMAGE):
+            if tag in LEVEL_TAGS[lvl]:
+                level_attrs[lvl][tag_hex] = elem
+        if tag >> 16 == 0x0010 and tag not in LEVEL_TAGS[Level.STUDY]:
+            level_attrs[Level.PATIENT][tag_hex] = elem
+        elif tag == 0x00080005:
+            level_attrs[Level.PATIENT][tag_hex] = elem
+
+    columns = {k.column: _column_value(k.match, _first(metadata, k.hex)) for k in INDEXED_KEYS}
+    columns["patient_id"] = columns["patient_id"] or ""
+    columns["issuer_of_patient_id"] = columns["issuer_of_patient_id"] or ""
+    return ParsedInstance(
+        sop_class_uid=uids["SOPClassUID"], sop_instance_uid=uids["SOPInstanceUID"],
+        study_instance_uid=uids["StudyInstanceUID"], series_instance_uid=uids["SeriesInstanceUID"],
+        transfer_syntax_uid=transfer_syntax_uid, columns=columns, level_attrs=level_attrs, metadata=metadata)
+
+
+def _meta_element(tag: int, vr: bytes, value: bytes) -> bytes:
+    if len(value) % 2:
+        value += b"\0" if vr == b"UI" else b" "
+    if vr == b"OB":
+        return struct.pack("<HH2sHL", tag >> 16, tag & 0xFFFF, vr, 0, len(value)) + value
+    return struct.pack("<HH2sH", tag >> 16, tag & 0xFFFF, vr, len(value)) + value
+
+
+def file_meta(sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str,
+              source_ae: str | None) -> bytes:
+    """The 128-byte preamble, 'DICM' and the File Meta Information group (PS3.10 7.1)."""
+    body = b"".join([
+        _meta_element(0x00020001, b"OB", b"\x00\x01"),
+        _meta_element(0x00020002, b"UI", sop_class_uid.encode()),
+        _meta_element(0x00020003, b"UI", sop_instance_uid.encode()),
+        _meta_element(0x00020010, b"UI", transfer_syntax_uid.encode()),
+        _meta_element(0x00020012, b"UI", IMPLEMENTATION_CLASS_UID.encode()),
+        _meta_element(0x00020013, b"SH", IMPLEMENTATION_VERSION_NAME.encode()),
+        *([_meta_element(0x00020016, b"AE", source_ae.encode())] if source_ae else []),
+    ])
+    return b"\0" * 128 + b"DICM" + struct.pack("<HH2sHL", 0x0002, 0x0000, b"UL", 4, len(body)) + body
+
+
+def split_part10(data: bytes) -> tuple[str, int]:
+    """(transfer syntax, offset of the data set) of a PS3.10 file; InvalidInstance if it is not one."""
+    fp = BytesIO(data)
+    try:
+        read_preamble(fp, False)
+        meta = _read_file_meta_info(fp)
+    except Exception as exc:  # pydicom's reader raises many kinds on non-DICOM input
+        raise InvalidInstance(f"not a DICOM PS3.10 file: {exc}", code="not-dicom") from exc
+    ts = str(meta.get("TransferSyntaxUID", "")).strip("\0 ")
+    if not ts:
+        raise InvalidInstance("the File Meta Information has no TransferSyntaxUID", code="not-dicom")
+    return ts, fp.tell()

@@ -1,0 +1,312 @@
+"""The one query model: C-FIND identifiers and QIDO-RS parameters both become a `Query`, and this
+module turns a Query into SQL over the index (PS3.4 C.2.2.2 matching) and rows into DICOM JSON.
+
+Matching rules, decided once here:
+- Single value matching is exact, except PN, which is case-insensitive on the alphabetic group
+  (PS3.4 C.2.2.2.1 permits case-insensitive PN matching).
+- `*` and `?` are wildcards for string VRs (C.2.2.2.4); a lone `*` is universal matching.
+- UID keys accept a list of UIDs (C.2.2.2.2); DA, TM and DT keys accept ranges (C.2.2.2.5); each
+  of StudyDate/StudyTime is matched independently (no combined date-time matching).
+- A zero-length value is universal matching (C.2.2.2.3): the key is returned, not matched.
+- A sequence key with one item whose sub-keys carry values matches entities having an item that
+  matches every such sub-key (C.2.2.2.6).
+- Entities without a value for a matched key do not match it.
+- Keys of levels below the query level are ignored; keys of unknown level are returned empty.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from archive.attributes import BY_TAG, Key, Level, Match, level_of
+from archive.errors import MisuseError
+from archive.instance import normalise_date, normalise_datetime, normalise_pn, normalise_time
+
+_VR_MATCH = {"UI": Match.UID, "PN": Match.PN, "DA": Match.DATE, "TM": Match.TIME, "DT": Match.DATETIME,
+             "IS": Match.NUMBER, "US": Match.NUMBER, "SQ": Match.SEQUENCE}
+# VRs for which * and ? are not wildcards (PS3.4 C.2.2.2.4)
+_NO_WILDCARD_VRS = {"DA", "TM", "DT", "SL", "SS", "US", "UL", "FL", "FD", "OB", "OW", "UN", "AT", "DS",
+                    "IS", "AS", "UI"}
+
+
+class QueryError(MisuseError):
+    """A query that cannot be run as given (an unsupported level, a malformed range)."""
+
+
+@dataclass(frozen=True, slots=True)
+class QueryKey:
+    """One attribute of a query: matched when `value` is non-empty, always returned.
+
+    `value` is the attribute's string value (a tuple for several values, as DICOM's backslash list);
+    for a sequence, `items` holds the sub-keys of its single item.
+    """
+
+    tag: int
+    vr: str
+    value: str | tuple[str, ...] | None = None
+    items: tuple["QueryKey", ...] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Query:
+    level: Level
+    keys: tuple[QueryKey, ...]
+    limit: int | None = None
+    offset: int = 0
+    fuzzy: bool = False             # QIDO fuzzymatching: PN components match by prefix
+    include_all: bool = False       # return every stored attribute of the level(s)
+    top: Level = Level.PATIENT      # the information model's top level (Study Root: STUDY)
+
+
+@dataclass(slots=True)
+class _Sql:
+    where: list[str] = field(default_factory=list)
+    args: list[Any] = field(default_factory=list)
+
+    def arg(self, value: Any) -> str:
+        self.args.append(value)
+        return f"${len(self.args)}"
+
+
+_FROM = {
+    Level.PATIENT: "patient p",
+    Level.STUDY: "study st JOIN patient p ON p.pk = st.patient_fk",
+    Level.SERIES: "series se JOIN study st ON st.pk = se.study_fk JOIN patient p ON p.pk = st.patient_fk",
+    Level.IMAGE: ("instance i JOIN series se ON se.pk = i.series_fk JOIN study st ON st.pk = se.study_fk "
+                  "JOIN patient p ON p.pk = st.patient_fk"),
+}
+
+_COMPUTED_SQL = {
+    0x00201200: "(SELECT count(*) FROM study x WHERE x.patient_fk = p.pk)",
+    0x00201202: "(SELECT count(*) FROM series y JOIN study x ON x.pk = y.study_fk WHERE x.patient_fk = p.pk)",
+    0x00201204: ("(SELECT count(*) FROM instance z JOIN series y ON y.pk = z.series_fk "
+                 "JOIN study x ON x.pk = y.study_fk WHERE x.patient_fk = p.pk)"),
+    0x00201206: "(SELECT count(*) FROM series y WHERE y.study_fk = st.pk)",
+    0x00201208: "(SELECT count(*) FROM instance z JOIN series y ON y.pk = z.series_fk WHERE y.study_fk = st.pk)",
+    0x00201209: "(SELECT count(*) FROM instance z WHERE z.series_fk = se.pk)",
+    0x00080061: ("(SELECT array_agg(DISTINCT y.modality ORDER BY y.modality) FROM series y "
+                 "WHERE y.study_fk = st.pk AND y.modality IS NOT NULL)"),
+    0x00080062: ("(SELECT array_agg(DISTINCT z.sop_class_uid ORDER BY z.sop_class_uid) FROM instance z "
+                 "JOIN series y ON y.pk = z.series_fk WHERE y.study_fk = st.pk)"),
+}
+
+
+def _like_pattern(value: str) -> str:
+    escaped = value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return escaped.replace("*", "%").replace("?", "_")
+
+
+def _has_wildcard(value: str) -> bool:
+    return "*" in value or "?" in value
+
+
+def _values(key: QueryKey) -> list[str]:
+    if key.value is None:
+        return []
+    vals = list(key.value) if isinstance(key.value, tuple) else [key.value]
+    return [v for v in (str(x).strip() for x in vals) if v]
+
+
+def _json_text(alias: str, tag_hex: str, vr: str, *, item: str | None = None) -> str:
+    """SQL for the first value of a stored attribute, as text."""
+    base = item if item is not None else (f"({alias}.metadata::jsonb)" if alias == "i" else f"{alias}.attrs")
+    if vr == "PN":
+        return f"lower({base}->'{tag_hex}'->'Value'->0->>'Alphabetic')"
+    return f"({base}->'{tag_hex}'->'Value'->>0)"
+
+
+def _range(sql: _Sql, expr: str, value: str, norm: Any) -> str:
+    if "-" not in value or norm is normalise_datetime and value.count("-") == 1 and value.index("-") > 8:
+        # DT values may carry a "-HHMM" UTC offset; a range always has a '-' right after a value or first
+        exact = norm(value)
+        if exact is None:
+            raise QueryError(f"malformed date/time value {value!r}")
+        if norm is normalise_date:
+            return f"{expr} = {sql.arg(exact)}"
+        upper = norm(value, upper=True)
+        return f"{expr} BETWEEN {sql.arg(exact)} AND {sql.arg(upper)}"
+    low, _, high = value.partition("-")
+    parts = []
+    if low:
+        lo = norm(low)
+        if lo is None:
+            raise QueryError(f"malformed range start {low!r}")
+        parts.append(f"{expr} >= {sql.arg(lo)}")
+    if high:
+        hi = norm(high) if norm is normalise_date else norm(high, upper=True)
+        if hi is None:
+            raise QueryError(f"malformed range end {high!r}")
+        parts.append(f"{expr} <= {sql.arg(hi)}")
+    if not parts:
+        raise QueryError(f"empty range {value!r}")
+    return " AND ".join(parts)
+
+
+def _condition(sql: _Sql, expr: str, match: Match, vr: str, values: list[str], fuzzy: bool) -> str | None:
+    """SQL for one key's matching, or None for universal matching."""
+    if not values:
+        return None
+    if match is Match.UID:
+        return f"{expr} = ANY({sql.arg(values)}::text[])"
+    ors = []
+    for v in values:
+        if match in (Match.DATE, Match.TIME, Match.DATETIME):
+            norm = {Match.DATE: normalise_date, Match.TIME: normalise_time, Match.DATETIME: normalise_datetime}[match]
+            ors.append(_range(sql, expr, v, norm))
+        elif match is Match.NUMBER:
+            try:
+                ors.append(f"{expr} = {sql.arg(int(v))}")
+            except ValueError as exc:
+                raise QueryError(f"{v!r} is not an integer") from exc
+        elif match is Match.PN:
+            if v.strip("*") == "":
+                return None
+            pattern = v.lower()
+            if not _has_wildcard(pattern):
+                pattern = normalise_pn(pattern) or ""
+            if fuzzy:
+                # PS3.18 8.3.4.1 fuzzymatching: each name component matches by prefix
+                p = _like_pattern(pattern.rstrip("*")) + "%"
+                ors.append(f"({expr} LIKE {sql.arg(p)} OR {expr} LIKE {sql.arg('%^' + p)})")
+            elif _has_wildcard(pattern):
+                ors.append(f"{expr} LIKE {sql.arg(_like_pattern(pattern))}")
+            else:
+                ors.append(f"{expr} = {sql.arg(pattern)}")
+        else:
+            if vr not in _NO_WILDCARD_VRS and _has_wildcard(v):
+                if v.strip("*") == "":
+                    return None
+                ors.append(f"{expr} LIKE {sql.arg(_like_pattern(v))}")
+            else:
+                ors.append(f"{expr} = {sql.arg(v)}")
+    return ors[0] if len(ors) == 1 else "(" + " OR ".join(ors) + ")"
+
+
+def _sequence_condition(sql: _Sql, alias: str, key: QueryKey, fuzzy: bool) -> str | None:
+    subs = []
+    for sub in key.items or ():
+        match = _VR_MATCH.get(sub.vr, Match.STRING)
+        if match is Match.SEQUENCE:
+            continue
+        cond = _condition(sql, _json_text(alias, f"{sub.tag:08X}", sub.vr, item="item"), match, sub.vr,
+                          _values(sub), fuzzy)
+        if cond:
+            subs.append(cond)
+    if not subs:
+        return None
+    base = f"({alias}.metadata::jsonb)" if alias == "i" else f"{alias}.attrs"
+    return (f"EXISTS (SELECT 1 FROM jsonb_array_elements(coalesce({base}->'{key.tag:08X}'->'Value', '[]'::jsonb))"
+            f" item WHERE {' AND '.join(subs)})")
+
+
+def _key_level(tag: int) -> Level:
+    return level_of(tag) or Level.IMAGE
+
+
+def build_sql(query: Query, *, select: str | None = None) -> tuple[str, list[Any]]:
+    """SELECT for `query`: by default the attrs of each level down to the query level and the
+    computed attributes asked for; `select` replaces the column list (retrieve uses it)."""
+    sql = _Sql()
+    level = query.level
+    if level.depth < query.top.depth:
+        raise QueryError(f"level {level.value} is not part of this information model")
+    for key in query.keys:
+        klevel = _key_level(key.tag)
+        if klevel.depth > level.depth:
+            continue
+        indexed: Key | None = BY_TAG.get(key.tag)
+        values = _values(key)
+        if indexed is not None and indexed.match is Match.COMPUTED:
+            if key.tag == 0x00080061 and values:
+                sql.where.append(f"EXISTS (SELECT 1 FROM series y WHERE y.study_fk = st.pk AND y.modality = "
+                                 f"ANY({sql.arg(values)}::text[]))")
+            continue
+        if key.vr == "SQ":
+            cond = _sequence_condition(sql, klevel.alias, key, query.fuzzy)
+        elif indexed is not None:
+            cond = _condition(sql, f"{klevel.alias}.{indexed.column}", indexed.match, indexed.vr, values,
+                              query.fuzzy)
+        else:
+            match = _VR_MATCH.get(key.vr, Match.STRING)
+            expr = _json_text(klevel.alias, f"{key.tag:08X}", key.vr)
+            if match is Match.NUMBER:
+                expr = f"({expr})::numeric"
+            elif match in (Match.DATE, Match.TIME, Match.DATETIME):
+                expr = {Match.DATE: f"replace({expr}, '.', '')",
+                        Match.TIME: f"vna_norm_time({expr})",
+                        Match.DATETIME: f"vna_norm_datetime({expr})"}[match]
+            cond = _condition(sql, expr, match, key.vr, values, query.fuzzy)
+        if cond:
+            sql.where.append(cond)
+
+    if select is None:
+        cols = [f"{lvl.alias}.attrs AS {lvl.alias}_attrs" for lvl in Level if lvl.depth <= level.depth]
+        for key in query.keys:
+            if key.tag in _COMPUTED_SQL and BY_TAG[key.tag].level.depth <= level.depth:
+                cols.append(f"{_COMPUTED_SQL[key.tag]} AS c_{key.tag:08x}")
+        if level is Level.IMAGE and (query.include_all or any(
+                _key_level(k.tag) is Level.IMAGE and k.tag not in BY_TAG for k in query.keys)):
+            cols.append("i.metadata AS i_metadata")
+        select = ", ".join(cols)
+    text = f"SELECT {select} FROM {_FROM[level]}"
+    if sql.where:
+        text += " WHERE " + " AND ".join(sql.where)
+    text += f" ORDER BY {level.alias}.pk"
+    if query.limit is not None:
+        text += f" LIMIT {int(query.limit)}"
+    if query.offset:
+        text += f" OFFSET {int(query.offset)}"
+    return text, sql.args
+
+
+def _filter_items(elem: dict[str, Any], key: QueryKey) -> dict[str, Any]:
+    """A returned sequence keeps only the sub-keys the request named (all if it named none)."""
+    if not key.items or "Value" not in elem:
+        return elem
+    wanted = {f"{s.tag:08X}" for s in key.items}
+    items = [{t: v for t, v in item.items() if t in wanted} for item in elem["Value"]]
+    return {**elem, "Value": items}
+
+
+def _computed_json(tag: int, value: Any) -> dict[str, Any]:
+    vr = BY_TAG[tag].vr
+    if value is None or value == []:
+        return {"vr": vr}
+    return {"vr": vr, "Value": list(value) if isinstance(value, list) else [value]}
+
+
+def row_to_json(query: Query, row: Any) -> dict[str, Any]:
+    """The DICOM JSON answer for one matched entity: only the keys the query names (or all)."""
+    level = query.level
+    sources: dict[Level, dict[str, Any]] = {}
+    for lvl in Level:
+        if lvl.depth <= level.depth:
+            sources[lvl] = row[f"{lvl.alias}_attrs"]
+    metadata = None
+    if "i_metadata" in row.keys():
+        metadata = json.loads(row["i_metadata"])
+    out: dict[str, Any] = {}
+    if query.include_all:
+        for lvl in Level:
+            if lvl in sources:
+                out.update(sources[lvl])
+        if metadata is not None:
+            out.update({t: v for t, v in metadata.items() if not t.startswith("7FE0")})
+    for key in query.keys:
+        tag_hex = f"{key.tag:08X}"
+        if key.tag in _COMPUTED_SQL:
+            col = f"c_{key.tag:08x}"
+            if col in row.keys():
+                out[tag_hex] = _computed_json(key.tag, row[col])
+            continue
+        klevel = _key_level(key.tag)
+        if klevel.depth > level.depth:
+            continue
+        src = sources[klevel]
+        if klevel is Level.IMAGE and metadata is not None and tag_hex not in src:
+            src = metadata
+        elem = src.get(tag_hex)
+        out[tag_hex] = _filter_items(elem, key) if elem is not None else {"vr": key.vr}
+    return dict(sorted(out.items()))

@@ -1,0 +1,37 @@
+"""Prometheus metrics of one vna process. Imports nothing from vna: every layer may use it.
+
+One `Metrics` object per process (tests build their own, each on its own registry).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.associations_active = Gauge("vna_dimse_associations_active", "Open DIMSE associations", registry=r)
+        self.associations_total = Counter("vna_dimse_associations_total",
+                                          "DIMSE associations by outcome (accepted, rejected, aborted)",
+                                          ["outcome"], registry=r)
+        self.dimse_requests = Counter("vna_dimse_requests_total", "DIMSE requests by service and status class",
+                                      ["service", "status"], registry=r)
+        self.dimse_latency = Histogram("vna_dimse_request_seconds", "DIMSE request handling time by service",
+                                       ["service"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.stored_instances = Counter("vna_ingest_instances_total", "Instances ingested by outcome and protocol",
+                                        ["outcome", "protocol"], registry=r)
+        self.stored_bytes = Counter("vna_ingest_bytes_total", "Bytes of instances stored", ["protocol"], registry=r)
+        self.ingest_latency = Histogram("vna_ingest_seconds", "Time to store and index one instance",
+                                        ["protocol"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.ingest_failures = Counter("vna_ingest_failures_total", "Instances refused or failed, by reason",
+                                       ["reason"], registry=r)
+        self.inflight = Gauge("vna_inflight_requests", "Requests being handled now (a scaling signal)",
+                              ["protocol"], registry=r)
+        self.orphans_removed = Counter("vna_orphan_objects_removed_total",
+                                       "Objects removed because no index row referenced them", registry=r)
+        self.sent_instances = Counter("vna_retrieve_instances_total", "Instances sent by C-MOVE/C-GET by outcome",
+                                      ["service", "outcome"], registry=r)
