@@ -1,0 +1,141 @@
+"""Wiring one vna process together: database, stores, index, servers; and taking it apart again.
+
+`Runtime` pairs every setup with its teardown (the order of `AsyncExitStack`), so a failed start
+and a SIGTERM both leave nothing behind: readiness false, stop listening, drain associations and
+requests (bounded), close the pool, stop the embedded PostgreSQL if we started it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from archive.config import Settings
+from archive.database import create_pool, migrate
+from archive.embedded_pg import EmbeddedPostgres
+from archive.index import Index
+from archive.ingest import Ingestor, sweep_orphans
+from archive.objectstore import FileSystemStore, ObjectStore
+from archive.errors import VnaError
+from gateway.dimse.server import ArchiveServices, DimseServer
+from gateway.web.app import build_app
+from metrics.registry import Metrics
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.asynccontextmanager
+async def database_url(settings: Settings) -> AsyncIterator[str]:
+    """The configured database URL, or the embedded PostgreSQL's (started here, stopped on exit)."""
+    if settings.database.url:
+        yield settings.database.url
+        return
+    pg = EmbeddedPostgres(settings.data_dir)
+    url = await asyncio.to_thread(pg.ensure_running)
+    try:
+        yield url
+    finally:
+        await asyncio.to_thread(pg.stop)
+
+
+def build_store(settings: Settings) -> ObjectStore:
+    return FileSystemStore(settings.object_root, fsync=settings.storage.fsync)
+
+
+@contextlib.asynccontextmanager
+async def open_index(settings: Settings) -> AsyncIterator[Index]:
+    """A migrated index on a fresh pool (used by the server and by the CLI's admin commands)."""
+    async with database_url(settings) as url:
+        pool = await create_pool(url, min_size=settings.database.pool_min, max_size=settings.database.pool_max,
+                                 command_timeout=settings.database.command_timeout)
+        try:
+            async with pool.acquire() as conn:
+                applied = await migrate(conn)
+            if applied:
+                log.info("applied migrations %s", applied)
+            yield Index(pool)
+        finally:
+            await pool.close()
+
+
+@dataclass(frozen=True, slots=True)
+class Ports:
+    dicom: int
+    http: int
+
+
+class Runtime:
+    """A running vna: `async with Runtime(settings) as rt: await rt.wait_for_stop()`."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.ready = False
+        self.ports: Ports | None = None
+        self._stack = contextlib.AsyncExitStack()
+        self._stop = asyncio.Event()
+
+    def request_stop(self) -> None:
+        self.ready = False
+        self._stop.set()
+
+    async def wait_for_stop(self) -> None:
+        await self._stop.wait()
+
+    async def __aenter__(self) -> "Runtime":
+        try:
+            await self._start()
+        except BaseException:
+            await self._stack.aclose()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.ready = False
+        await self._stack.aclose()
+
+    async def _start(self) -> None:
+        s = self.settings
+        s.data_dir.mkdir(parents=True, exist_ok=True)
+        index = await self._stack.enter_async_context(open_index(s))
+        store = build_store(s)
+        ingestor = Ingestor(index, store, s.ingest, self.metrics, db_timeout=s.database.command_timeout)
+        services = ArchiveServices(index=index, store=store, ingestor=ingestor)
+
+        runner = web.AppRunner(build_app(self.metrics, lambda: self.ready), handle_signals=False,
+                               shutdown_timeout=s.http.drain_timeout)
+        await runner.setup()
+        self._stack.push_async_callback(runner.cleanup)
+        site = web.TCPSite(runner, s.http.host, s.http.port, reuse_address=True)
+        await site.start()
+        http_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+        dimse = DimseServer(s, services, self.metrics)
+        dicom_port = await dimse.start()
+        self._stack.push_async_callback(dimse.close, drain_timeout=s.http.drain_timeout)
+
+        sweeper = asyncio.create_task(self._sweep_forever(index, store))
+        self._stack.callback(sweeper.cancel)
+
+        self.ports = Ports(dicom=dicom_port, http=http_port)
+        (s.data_dir / "ports.json").write_text(json.dumps({"dicom": dicom_port, "http": http_port}))
+        log.info("vna %s listening: DICOM port %d, HTTP port %d, data in %s", s.ae_title, dicom_port, http_port,
+                 s.data_dir)
+        self.ready = True
+
+    async def _sweep_forever(self, index: Index, store: ObjectStore) -> None:
+        grace = self.settings.ingest.orphan_grace_seconds
+        while True:
+            try:
+                removed = await sweep_orphans(index, store, grace_seconds=grace, metrics=self.metrics)
+                if removed:
+                    log.info("removed %d orphaned objects", removed)
+            except VnaError as exc:
+                log.warning("orphan sweep failed: %s", exc)
+            await asyncio.sleep(max(grace / 2, 30.0))
