@@ -3,22 +3,26 @@ database per test, and the archive objects built on it."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
+import subprocess
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
 from pathlib import Path
 
 import asyncpg
 import pydicom.config
 import pytest
 
-from archive.config import DuplicatePolicy, IngestSettings
+from archive.config import DuplicatePolicy, IngestSettings, Settings
 from archive.database import create_pool, migrate
 from archive.embedded_pg import EmbeddedPostgres
 from archive.index import Index
 from archive.ingest import Ingestor
 from archive.objectstore import FileSystemStore
+from gateway.runtime import Runtime
 from metrics.registry import Metrics
 
 # Test data and invalid input produce pydicom validation warnings; vna reads with validation off too.
@@ -82,3 +86,65 @@ def make_ingestor(index: Index, store: FileSystemStore, policy: DuplicatePolicy 
 @pytest.fixture
 def ingestor(index: Index, store: FileSystemStore) -> Ingestor:
     return make_ingestor(index, store)
+
+
+# -- a live server in the test's event loop ----------------------------------------------------------
+
+DCMTK = Path("/usr/bin")
+
+
+def settings_for(tmp_path: Path, database_url: str, **overrides: Any) -> Settings:
+    """Settings for a test server: loopback, ephemeral ports, the test's own database and data dir."""
+    base: dict[str, Any] = {
+        "data_dir": tmp_path / "data",
+        "database": {"url": database_url},
+        "dicom": {"host": "127.0.0.1", "port": 0},
+        "http": {"host": "127.0.0.1", "port": 0, "drain_timeout": 5},
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            base[key] = {**base[key], **value}
+        else:
+            base[key] = value
+    return Settings.load(base)
+
+
+@pytest.fixture
+async def vna_factory(tmp_path: Path, database_url: str) -> AsyncIterator[Callable[..., Any]]:
+    """Start servers with extra settings: `rt = await vna_factory(ingest={"duplicate_policy": "keep-newest"})`."""
+    runtimes: list[Runtime] = []
+
+    async def start(**overrides: Any) -> Runtime:
+        rt = Runtime(settings_for(tmp_path, database_url, **overrides))
+        await rt.__aenter__()
+        runtimes.append(rt)
+        return rt
+
+    yield start
+    for rt in reversed(runtimes):
+        await rt.__aexit__(None, None, None)
+
+
+@pytest.fixture
+async def vna(vna_factory: Callable[..., Any]) -> Runtime:
+    """A running vna (AE title VNA) with default settings."""
+    return await vna_factory()
+
+
+async def run_tool(*args: str | Path, env: dict[str, str] | None = None, timeout: float = 120,
+                   check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run a command-line client (dcmtk etc.) without blocking the event loop."""
+    full_env = {**os.environ, "TCP_NODELAY": "1", **(env or {})}
+    proc = await asyncio.create_subprocess_exec(*map(str, args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                                env=full_env)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
+    result = subprocess.CompletedProcess([str(a) for a in args], proc.returncode or 0, out.decode(errors="replace"),
+                                         err.decode(errors="replace"))
+    if check and result.returncode != 0:
+        raise AssertionError(f"{args[0]} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
+    return result
