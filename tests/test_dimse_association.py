@@ -282,3 +282,64 @@ def test_release_rq_is_a_pdu_even_in_sta2():
     scp = Association("acceptor", max_pdu_length=16384, max_pdu_accept=16384)
     (event,) = scp.receive_data(encode(AReleaseRQ()))
     assert isinstance(event, ProtocolFailure) and scp.state == State.STA13
+
+
+# --- interoperability: dcmtk's echoscu and storescu against a minimal asyncio acceptor ---------------
+
+async def _minimal_acceptor(reader, writer, received: list) -> None:
+    """Just enough server to drive Association as the real one will: accept all, answer success."""
+    assoc = Association("acceptor", max_pdu_length=16384, max_pdu_accept=16384)
+    while not assoc.is_closing:
+        data = await reader.read(65536)
+        for event in assoc.receive_data(data) if data else assoc.connection_lost():
+            if isinstance(event, AssociationRequested):
+                rq = event.rq
+                writer.write(assoc.accept(AAssociateAC(
+                    rq.called_ae, rq.calling_ae,
+                    tuple(PresentationContextAC(pc.id, 0, pc.transfer_syntaxes[0]) for pc in rq.contexts))))
+            elif isinstance(event, MessageReceived):
+                received.append((assoc.contexts[event.context_id], event.command, event.dataset))
+                rsp = {"CommandField": event.command["CommandField"] | 0x8000,
+                       "MessageIDBeingRespondedTo": event.command["MessageID"],
+                       "AffectedSOPClassUID": event.command["AffectedSOPClassUID"], "Status": 0}
+                if "AffectedSOPInstanceUID" in event.command:
+                    rsp["AffectedSOPInstanceUID"] = event.command["AffectedSOPInstanceUID"]
+                writer.writelines(assoc.send_message(event.context_id, rsp))
+            elif isinstance(event, ReleaseRequested):
+                writer.write(assoc.release_response())
+            elif isinstance(event, ProtocolFailure):
+                writer.write(assoc.abort())
+        await writer.drain()
+        if not data:
+            break
+    writer.close()
+
+
+async def test_dcmtk_echoscu_and_storescu_against_association():
+    import asyncio
+    from io import BytesIO
+
+    import pydicom
+    from pydicom.data import get_testdata_file
+    from pydicom.filereader import read_dataset
+
+    received: list = []
+    server = await asyncio.start_server(lambda r, w: _minimal_acceptor(r, w, received), "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    path = get_testdata_file("CT_small.dcm")
+    try:
+        for argv in (["/usr/bin/echoscu", "-aet", "SCU", "-aec", "VNA", "127.0.0.1", str(port)],
+                     ["/usr/bin/storescu", "-aet", "SCU", "-aec", "VNA", "127.0.0.1", str(port), path]):
+            proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE,
+                                                        stderr=asyncio.subprocess.STDOUT)
+            out, _ = await asyncio.wait_for(proc.communicate(), 30)
+            assert proc.returncode == 0, out.decode()
+    finally:
+        server.close()
+        await server.wait_closed()
+    (echo_ctx, echo, _), (store_ctx, store, dataset) = received
+    assert echo["CommandField"] == commands.C_ECHO_RQ and echo_ctx.abstract_syntax == VERIFICATION
+    original = pydicom.dcmread(path)
+    assert store["AffectedSOPInstanceUID"] == original.SOPInstanceUID
+    ds = read_dataset(BytesIO(dataset), store_ctx.transfer_syntax == IMPLICIT, True)
+    assert ds.SOPInstanceUID == original.SOPInstanceUID and ds.PixelData == original.PixelData

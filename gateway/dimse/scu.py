@@ -254,10 +254,13 @@ class Requestor:
                 raise self._failure
             try:
                 for pdu in pdus:
+                    if self._failure is not None:  # aborted while we were sending (the reader saw it)
+                        raise self._failure
                     self._writer.write(pdu)
                     await self._writer.drain()  # backpressure: waits only above the high-water mark
             except OSError as exc:
                 self._fail(AssociationAbortedError(f"connection lost while sending: {exc}"))
+                assert self._failure is not None
                 raise self._failure from exc
 
     async def _read_loop(self) -> None:
