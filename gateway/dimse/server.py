@@ -33,6 +33,7 @@ from gateway.dimse.pdu import AAssociateRJ
 from gateway.dimse.retrieve import (MOVE_DESTINATION_UNKNOWN, PENDING, REFUSED_SUBOPS, SubOperations,
                                     contexts_for, run_suboperations)
 
+from gateway.dimse.scu import Requestor
 from metrics.registry import Metrics
 
 log = logging.getLogger(__name__)
@@ -339,7 +340,6 @@ class _AssociationHandler:
         return report
 
     async def _c_move(self, msg: MessageReceived, cancel: asyncio.Event) -> int:
-        from gateway.dimse.scu import Requestor
         destination = str(msg.command.get("MoveDestination", "")).strip()
         ae = await self.services.index.ae_get(destination, timeout=self.settings.dimse_timeout)
         if ae is None:
