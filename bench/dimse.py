@@ -4,12 +4,13 @@ Workload (synthetic CT, 10 studies x 5 series x 20 instances of ~512 KiB, see ``
 the dcmtk tools (TCP_NODELAY=1) as clients:
 
 * C-STORE of all 1000 instances on 1 association (one ``storescu``) and on 4 associations (four
-  ``storescu`` in parallel, a quarter of the files each), each run on a fresh, empty archive,
-  median of 3 runs;
-* on one more archive loaded with the 1000 instances (4 associations, untimed):
+  ``storescu`` in parallel, a quarter of the files each), each run on a fresh, empty archive;
+  median of 3 runs, the peers taking turns run by run so that background load hits both alike;
+* on one more archive per peer, loaded with the 1000 instances (untimed):
   C-FIND at STUDY level (study root) over the stored studies, universal and ``PatientName=SMITH*``:
   one ``findscu`` process (and association) per query -- the headline figure, which includes process
-  start-up (~10 ms) -- and one ``findscu --repeat N`` sending N queries on one association;
+  start-up (~10-15 ms, so it cannot exceed ~70 q/s here) -- and one ``findscu --repeat N`` sending
+  N queries on one association (server throughput);
   C-MOVE of one 100-instance study to a dcmtk ``storescp`` (``movescu -aem``), median of 3.
 
 Orthanc runs with TCP_NODELAY=1 too (its DICOM stack is dcmtk), unless ``--orthanc-delayed-ack``.
@@ -38,6 +39,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable, Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import data  # noqa: E402
@@ -74,11 +76,12 @@ def store(peer: peers.Peer, files: list[str], assocs: int) -> float:
     return len(files) / (time.perf_counter() - t0)
 
 
-def find(peer: peers.Peer, patient_name: str, processes: int, repeat: int = 1,
+def find(peer: peers.Peer, patient_name: str, processes: int = 1, repeat: int = 1, verbose: bool = False,
          extra_keys: tuple[str, ...] = ()) -> tuple[float, str]:
     """STUDY-level C-FIND: ``processes`` findscu runs one after another, each sending the query
-    ``repeat`` times on its one association. Return (queries/s, output of the last run)."""
-    cmd = ["/usr/bin/findscu", "-S", "-v", "--repeat", str(repeat), "-aec", peer.aet,
+    ``repeat`` times on its one association. Return (queries/s, output of the last run); the
+    responses are printed only if ``verbose`` (which costs client CPU, so not when timing)."""
+    cmd = ["/usr/bin/findscu", "-S", "-v" if verbose else "-q", "--repeat", str(repeat), "-aec", peer.aet,
            "-k", "QueryRetrieveLevel=STUDY", "-k", "StudyInstanceUID", "-k", f"PatientName={patient_name}",
            "-k", "PatientID", "-k", "StudyDate", *[a for k in extra_keys for a in ("-k", k)],
            peer.host, str(peer.port)]
@@ -88,16 +91,16 @@ def find(peer: peers.Peer, patient_name: str, processes: int, repeat: int = 1,
     return processes * repeat / (time.perf_counter() - t0), out.stdout + out.stderr
 
 
-def matches(findscu_output: str, repeat: int = 1) -> int:
-    """Matches per query in findscu -v output."""
-    return findscu_output.count("(Pending)") // repeat
+def matches(peer: peers.Peer, patient_name: str) -> int:
+    """Number of studies the query matches."""
+    return find(peer, patient_name, verbose=True)[1].count("(Pending)")
 
 
 def stored_instances(peer: peers.Peer) -> int | None:
     """Sum of NumberOfStudyRelatedInstances over all studies (None if the peer leaves it out)."""
-    _, out = find(peer, "", 1, extra_keys=("NumberOfStudyRelatedInstances",))
+    out = find(peer, "", verbose=True, extra_keys=("NumberOfStudyRelatedInstances",))[1]
     counts = re.findall(r"\(0020,1208\) IS \[(\d+)", out)
-    return sum(map(int, counts)) if counts and len(counts) == matches(out) else None
+    return sum(map(int, counts)) if counts and len(counts) == out.count("(Pending)") else None
 
 
 def move(peer: peers.Peer, dest: peers.Peer, study: data.Study) -> float:
@@ -115,70 +118,91 @@ def move(peer: peers.Peer, dest: peers.Peer, study: data.Study) -> float:
     return study.instances / elapsed
 
 
-def _measure(res: dict, name: str, what: str, fn):
-    """Run one measurement; on failure record the error (so the other figures survive) and go on."""
-    try:
-        return fn()
-    except Exception as exc:  # noqa: BLE001 - a broken peer feature must not sink the whole run
-        res["errors"][what] = f"{type(exc).__name__}: {exc}"
-        print(f"  {name}: {what} FAILED: {exc}", flush=True)
-        return None
+class Bench:
+    """One benchmark run: the peers' factories, the data, the results per peer."""
 
-
-def bench_peer(name: str, start, studies: list[data.Study], dest: peers.Peer, work: Path,
-               quick: bool, keep: bool) -> dict:
-    """All measurements against one peer kind (``start`` is its context manager factory)."""
-    files = [f for s in studies for f in s.files]
-    dests = {dest.aet: (dest.host, dest.port)}
-    res: dict = {"samples": {}, "errors": {}}
-    runs = 1 if quick else 3
+    def __init__(self, starters: dict[str, Callable], studies: list[data.Study], dest: peers.Peer,
+                 work: Path, quick: bool, keep: bool) -> None:
+        self.starters, self.studies, self.dest, self.work, self.keep = starters, studies, dest, work, keep
+        self.files = [f for s in studies for f in s.files]
+        self.runs = 1 if quick else 3
+        self.find_processes, self.find_repeat = (10, 50) if quick else (50, 300)
+        self.results: dict[str, dict] = {n: {"samples": {}, "errors": {}} for n in starters}
 
     @contextmanager
-    def archive(label: str):
-        """A fresh, empty archive, deleted afterwards unless ``keep``."""
+    def archive(self, name: str, label: str) -> Iterator[peers.Peer]:
+        """A fresh, empty archive of peer kind ``name``, deleted afterwards unless ``keep``."""
+        path = self.work / f"{name}-{label}"
         try:
-            with start(work / f"{name}-{label}", dests) as peer:
+            with self.starters[name](path, {self.dest.aet: (self.dest.host, self.dest.port)}) as peer:
                 yield peer
         finally:
-            if not keep:
-                shutil.rmtree(work / f"{name}-{label}", ignore_errors=True)
+            if not self.keep:
+                shutil.rmtree(path, ignore_errors=True)
 
-    def log(key: str, unit: str, extra: str = "") -> None:
-        print(f"  {name}: {key} {res[key]:.1f} {unit}{extra}", flush=True)
+    def measure(self, name: str, key: str, fn: Callable[[], float], note: str = "") -> float | None:
+        """Run one measurement, print it; on failure record the error (the other figures survive)."""
+        try:
+            value = fn()
+        except Exception as exc:  # noqa: BLE001 - a missing peer feature must not sink the whole run
+            self.results[name]["errors"][key] = f"{type(exc).__name__}: {exc}"
+            print(f"  {name:8} {key:18} FAILED: {exc}", flush=True)
+            return None
+        self.results[name]["samples"].setdefault(key, []).append(value)
+        print(f"  {name:8} {key:18} {value:8.1f}{note}", flush=True)
+        return value
 
-    for assocs in (1, 4):
-        key, rates = f"store_{assocs}", []
-        for i in range(runs):
-            with archive(f"{key}-{i}") as peer:
-                if (r := _measure(res, name, key, lambda: store(peer, files, assocs))) is not None:
-                    rates.append(r)
-        if rates:
-            res[key], res["samples"][key] = statistics.median(rates), rates
-            log(key, "inst/s", f" (runs: {', '.join(f'{r:.0f}' for r in rates)})")
+    def _settle(self, name: str, key: str) -> None:
+        if samples := self.results[name]["samples"].get(key):
+            self.results[name][key] = statistics.median(samples)
 
-    with archive("query") as peer:
-        store(peer, files, 4)
-        res["stored_instances"] = _measure(res, name, "count", lambda: stored_instances(peer))
-        if res["stored_instances"] not in (None, len(files)):
-            print(f"  WARNING: {name} reports {res['stored_instances']} of {len(files)} instances stored")
-        expected = {"all": len(studies), "smith": sum(s.patient_name.startswith("SMITH") for s in studies)}
-        for q, pn in QUERIES.items():
-            for mode, procs, repeat in (("proc", 10 if quick else 50, 1), ("assoc", 1, 50 if quick else 300)):
-                key = f"find_{q}_{mode}"
-                if (r := _measure(res, name, key, functools.partial(find, peer, pn, procs, repeat))) is None:
-                    continue
-                res[key], n = r[0], matches(r[1], repeat)
-                res["samples"][key] = {"processes": procs, "repeat": repeat, "matches": n}
-                if n != expected[q]:
-                    print(f"  WARNING: {name} {key}: {n} matches per query, expected {expected[q]}")
-                log(key, "q/s", f" ({n} matches)")
-        study = next(s for s in studies if s.instances == 100)
-        moves = [m for _ in range(runs)
-                 if (m := _measure(res, name, "move_study", lambda: move(peer, dest, study))) is not None]
-        if moves:
-            res["move_study"], res["samples"]["move_study"] = statistics.median(moves), moves
-            log("move_study", "inst/s", f" (runs: {', '.join(f'{m:.0f}' for m in moves)})")
-    return res
+    def stores(self) -> None:
+        """C-STORE runs, each on a fresh archive, alternating between the peers."""
+        for assocs in (1, 4):
+            key = f"store_{assocs}"
+            for i in range(self.runs):
+                for name in self.starters:
+                    try:
+                        with self.archive(name, f"{key}-{i}") as peer:
+                            self.measure(name, key, lambda: store(peer, self.files, assocs), " inst/s")
+                    except Exception as exc:  # noqa: BLE001 - the peer did not start or stop cleanly
+                        self.results[name]["errors"][f"{key}-{i}"] = f"{type(exc).__name__}: {exc}"
+                        print(f"  {name:8} {key:18} FAILED: {exc}", flush=True)
+            for name in self.starters:
+                self._settle(name, key)
+
+    def queries(self, name: str) -> None:
+        """C-FIND and C-MOVE against one archive of peer kind ``name`` holding all the instances."""
+        res = self.results[name]
+        with self.archive(name, "query") as peer:
+            store(peer, self.files, 4)
+            res["stored_instances"] = stored_instances(peer)
+            if res["stored_instances"] not in (None, len(self.files)):
+                print(f"  WARNING: {name} reports {res['stored_instances']} of {len(self.files)} instances")
+            smiths = sum(s.patient_name.startswith("SMITH") for s in self.studies)
+            for q, expected in (("all", len(self.studies)), ("smith", smiths)):
+                pn = QUERIES[q]
+                if (n := matches(peer, pn)) != expected:
+                    res["errors"][f"find_{q}"] = f"{n} matches, expected {expected}"
+                    print(f"  WARNING: {name} C-FIND {q}: {n} matches, expected {expected}")
+                for key, procs, repeat in ((f"find_{q}_proc", self.find_processes, 1),
+                                           (f"find_{q}_assoc", 1, self.find_repeat)):
+                    self.measure(name, key, lambda: find(peer, pn, procs, repeat)[0],
+                                 f" q/s ({procs} x {repeat} queries, {n} matches)")
+                    self._settle(name, key)
+            study = next(s for s in self.studies if s.instances == 100)
+            for _ in range(self.runs):
+                self.measure(name, "move_study", lambda: move(peer, self.dest, study), " inst/s")
+            self._settle(name, "move_study")
+
+    def run(self) -> None:
+        self.stores()
+        for name in self.starters:
+            try:
+                self.queries(name)
+            except Exception as exc:  # noqa: BLE001 - e.g. the peer did not start: report the others
+                self.results[name]["errors"]["queries"] = f"{type(exc).__name__}: {exc}"
+                print(f"  {name:8} queries FAILED: {exc}", flush=True)
 
 
 def table(results: dict[str, dict]) -> str:
@@ -209,39 +233,36 @@ def main(argv: list[str] | None = None) -> int:
                    help="data set directory (generated once, then reused)")
     p.add_argument("--keep", action="store_true", help="keep the peers' working directories")
     a = p.parse_args(argv)
-    starters = {"orthanc": functools.partial(peers.orthanc, tcp_nodelay=not a.orthanc_delayed_ack),
-                "vna": peers.vna}
+    factories = {"orthanc": functools.partial(peers.orthanc, tcp_nodelay=not a.orthanc_delayed_ack),
+                 "vna": peers.vna}
     names = [n.strip() for n in a.peers.split(",") if n.strip()]
-    if unknown := set(names) - set(starters):
+    if unknown := set(names) - set(factories):
         p.error(f"unknown peers: {', '.join(sorted(unknown))}")
     studies = data.generate(a.data, *data.PRESETS["dimse"])
     print(f"data: {sum(s.instances for s in studies)} instances in {len(studies)} studies ({a.data})")
+    load_before = os.getloadavg()
     work = Path(tempfile.mkdtemp(prefix="vna-bench-dimse-"))
-    results: dict[str, dict] = {}
     try:
         with peers.storescp(work / "storescp") as dest:
-            for name in names:
-                print(f"{name}:", flush=True)
-                try:
-                    results[name] = bench_peer(name, starters[name], studies, dest, work, a.quick, a.keep)
-                except Exception as exc:  # noqa: BLE001 - e.g. the peer did not start: report the others
-                    print(f"  {name} FAILED: {exc}", flush=True)
-                    results[name] = {"samples": {}, "errors": {"peer": f"{type(exc).__name__}: {exc}"}}
+            bench = Bench({n: factories[n] for n in names}, studies, dest, work, a.quick, a.keep)
+            bench.run()
     finally:
         if a.keep:
             print(f"working directories kept in {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)
-    print()
-    print(table(results))
+    load_after = os.getloadavg()
+    print(f"\nload average before/after: {load_before[0]:.2f} / {load_after[0]:.2f} on {os.cpu_count()} CPUs\n")
+    print(table(bench.results))
     OUT.mkdir(exist_ok=True)
     out = OUT / f"dimse-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(json.dumps({"host": platform.node(), "cpus": os.cpu_count(), "quick": a.quick,
                                "orthanc_tcp_nodelay": not a.orthanc_delayed_ack,
-                               "instances": len([f for s in studies for f in s.files]),
-                               "studies": len(studies), "results": results}, indent=1))
+                               "loadavg_before": load_before, "loadavg_after": load_after,
+                               "instances": len(bench.files), "studies": len(studies),
+                               "results": bench.results}, indent=1))
     print(f"\nresults written to {out}")
-    return 1 if any(r["errors"] for r in results.values()) else 0
+    return 1 if any(r["errors"] for r in bench.results.values()) else 0
 
 
 if __name__ == "__main__":
