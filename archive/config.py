@@ -60,6 +60,28 @@ class HttpSettings(_Section):
     drain_timeout: float = Field(20.0, gt=0)
 
 
+class DicomwebSettings(_Section):
+    root: str = "/dicomweb"
+    # scheme://host[:port][/prefix] clients reach us by, for BulkDataURIs and RetrieveURLs behind a proxy;
+    # None: built from each request's scheme, Host header and the root
+    public_base_url: str | None = None
+    cors_origins: Annotated[tuple[str, ...], NoDecode] = ("*",)
+    max_stow_bytes: int = Field(4 * 2**30, ge=1024)
+    # STOW-RS parts larger than this are written to a temporary file while they arrive
+    stow_spill_bytes: int = Field(8 * 2**20, ge=1024)
+    allow_delete: bool = True
+
+    @field_validator("root")
+    @classmethod
+    def _root(cls, v: str) -> str:
+        return "/" + v.strip("/") if v.strip("/") else ""
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split(cls, v: Any) -> Any:
+        return tuple(x for x in v.split(",") if x) if isinstance(v, str) else v
+
+
 class DatabaseSettings(_Section):
     url: str | None = None  # None: the embedded PostgreSQL under data_dir
     pool_min: int = Field(2, ge=1)
@@ -100,6 +122,7 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     dicom: DicomSettings = DicomSettings()
     http: HttpSettings = HttpSettings()
+    dicomweb: DicomwebSettings = DicomwebSettings()
     database: DatabaseSettings = DatabaseSettings()
     storage: StorageSettings = StorageSettings()
     ingest: IngestSettings = IngestSettings()

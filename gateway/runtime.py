@@ -23,7 +23,8 @@ from archive.index import Index
 from archive.ingest import Ingestor, sweep_orphans
 from archive.objectstore import FileSystemStore, ObjectStore
 from archive.errors import VnaError
-from gateway.dimse.server import ArchiveServices, DimseServer
+from archive.services import ArchiveServices
+from gateway.dimse.server import DimseServer
 from gateway.web.app import build_app
 from metrics.registry import Metrics
 
@@ -108,7 +109,7 @@ class Runtime:
         ingestor = Ingestor(index, store, s.ingest, self.metrics, db_timeout=s.database.command_timeout)
         services = ArchiveServices(index=index, store=store, ingestor=ingestor)
 
-        runner = web.AppRunner(build_app(self.metrics, lambda: self.ready), handle_signals=False,
+        runner = web.AppRunner(build_app(self.metrics, lambda: self.ready, services, s.dicomweb), handle_signals=False,
                                shutdown_timeout=s.http.drain_timeout)
         await runner.setup()
         self._stack.push_async_callback(runner.cleanup)

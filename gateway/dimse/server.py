@@ -13,15 +13,13 @@ import logging
 import socket
 import time
 from collections import Counter as Tally
-from dataclasses import dataclass
 from typing import Any
 
 from archive.config import Settings
 from archive.errors import InvalidInstance, PeerError, RemoteError, VnaError
-from archive.index import Index, LocatedInstance
-from archive.ingest import Ingestor
+from archive.index import LocatedInstance
 from archive.instance import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
-from archive.objectstore import ObjectStore
+from archive.services import ArchiveServices
 from gateway.dimse import commands as C
 from gateway.dimse.association import (Aborted, Association, AssociationRequested, MessageReceived,
                                        ProtocolFailure, ReleaseRequested)
@@ -43,13 +41,6 @@ _SERVICE = {C.C_ECHO_RQ: "C-ECHO", C.C_STORE_RQ: "C-STORE", C.C_FIND_RQ: "C-FIND
             C.C_GET_RQ: "C-GET"}
 _RESPONSE = {C.C_ECHO_RQ: C.C_ECHO_RSP, C.C_STORE_RQ: C.C_STORE_RSP, C.C_FIND_RQ: C.C_FIND_RSP,
              C.C_MOVE_RQ: C.C_MOVE_RSP, C.C_GET_RQ: C.C_GET_RSP}
-
-
-@dataclass(frozen=True, slots=True)
-class ArchiveServices:
-    index: Index
-    store: ObjectStore
-    ingestor: Ingestor
 
 
 def _status_class(status: int) -> str:
@@ -140,9 +131,15 @@ class _AssociationHandler:
 
     # -- the reader loop -----------------------------------------------------------------------
     async def run(self) -> None:
+        # PS3.8 9.2.3 AE-5/AE-6: the ARTIM timer runs from the transport connection until the whole
+        # A-ASSOCIATE-RQ is in, so a peer trickling bytes cannot hold the connection open.
+        artim_deadline = time.monotonic() + self.settings.acse_timeout
         try:
             while True:
-                timeout = self.settings.network_timeout if self.assoc.is_established else self.settings.acse_timeout
+                if self.assoc.is_established:
+                    timeout = self.settings.network_timeout
+                else:
+                    timeout = max(0.0, artim_deadline - time.monotonic())
                 try:
                     data = await asyncio.wait_for(self.reader.read(_READ_SIZE), timeout)
                 except TimeoutError:
