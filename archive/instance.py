@@ -14,6 +14,7 @@ from io import BytesIO
 from typing import Any
 
 from pydicom.dataelem import DataElement
+from pydicom.datadict import dictionary_VR
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset, read_preamble, _read_file_meta_info
 from pydicom.uid import UID
@@ -164,49 +165,109 @@ def read_data_set(buf: bytes, ts: UID) -> Dataset:
     return ds
 
 
-def check_structure(data: bytes, ts: UID) -> None:
-    """Walk every top-level element header to prove the data set is complete (not truncated).
+_LONG_VRS = frozenset((b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"))
+_ITEM, _ITEM_DELIMITER, _SEQUENCE_DELIMITER = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+_UNDEFINED = 0xFFFFFFFF
+
+
+@dataclass(frozen=True, slots=True)
+class PixelDataElement:
+    """Where the top-level (7FE0,0010) sits in the data set: its VR and the offset of its value."""
+
+    vr: str
+    value_offset: int
+    length: int | None  # None: undefined length (encapsulated, PS3.5 A.4)
+
+
+def _is_sequence(tag: int) -> bool:
+    """Implicit VR: is this a sequence by the data dictionary?"""
+    try:
+        return dictionary_VR(tag) == "SQ"
+    except KeyError:
+        return False
+
+
+class _Walker:
+    """Checks every element header and item of a data set (PS3.5 7.1, 7.5) without decoding values.
 
     pydicom reads values lazily, so a data set cut off inside its pixel data would otherwise parse.
-    Undefined-length items and sequences are delegated to pydicom's full read.
     """
-    explicit = not ts.is_implicit_VR
-    endian = "<" if ts.is_little_endian else ">"
-    pos, end = 0, len(data)
-    while pos < end:
+
+    def __init__(self, data: bytes, ts: UID) -> None:
+        self.data = data
+        self.explicit = not ts.is_implicit_VR
+        self.endian = "<" if ts.is_little_endian else ">"
+        self.pixel_data: PixelDataElement | None = None
+
+    def _header(self, pos: int, end: int, explicit: bool) -> tuple[int, bytes | None, int, int]:
+        """(tag, VR, value length, value offset) of the element at pos."""
         if end - pos < 8:
             raise InvalidInstance("data set ends inside an element header")
-        group, elem = struct.unpack_from(endian + "HH", data, pos)
+        group, elem = struct.unpack_from(self.endian + "HH", self.data, pos)
+        tag = group << 16 | elem
         if explicit and group != 0xFFFE:
-            vr = data[pos + 4:pos + 6]
-            if vr in (b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"):
+            vr = self.data[pos + 4:pos + 6]
+            if vr in _LONG_VRS:
                 if end - pos < 12:
                     raise InvalidInstance("data set ends inside an element header")
-                (length,) = struct.unpack_from(endian + "L", data, pos + 8)
-                pos += 12
-            else:
-                (length,) = struct.unpack_from(endian + "H", data, pos + 6)
-                pos += 8
-        else:
-            (length,) = struct.unpack_from(endian + "L", data, pos + 4)
+                return tag, vr, struct.unpack_from(self.endian + "L", self.data, pos + 8)[0], pos + 12
+            return tag, vr, struct.unpack_from(self.endian + "H", self.data, pos + 6)[0], pos + 8
+        return tag, None, struct.unpack_from(self.endian + "L", self.data, pos + 4)[0], pos + 8
+
+    def elements(self, pos: int, end: int, *, explicit: bool, top: bool = False, until_item_end: bool = False) -> int:
+        if top and explicit and end - pos >= 6 and not self.data[pos + 4:pos + 6].isalpha():
+            # an "explicit VR" data set actually written in implicit VR: read it as pydicom does
+            explicit = False
+        while pos < end:
+            tag, vr, length, value = self._header(pos, end, explicit)
+            if tag == _ITEM_DELIMITER and until_item_end:
+                return value
+            if top and tag == 0x7FE00010:
+                vr_text = vr.decode("ascii", "replace") if vr else ("OB" if length == _UNDEFINED else "OW")
+                self.pixel_data = PixelDataElement(vr_text, value, None if length == _UNDEFINED else length)
+            if length == _UNDEFINED:
+                # PS3.5 6.2.2: a UN sequence of undefined length is encoded in Implicit VR inside
+                pos = self.items(value, end, explicit=explicit and vr != b"UN", undefined=True)
+                continue
+            if value + length > end:
+                raise InvalidInstance(f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) claims {length} bytes, "
+                                      f"only {end - value} remain: the data set is truncated")
+            if vr == b"SQ" or (vr is None and length and _is_sequence(tag)):
+                self.items(value, value + length, explicit=explicit)
+            pos = value + length
+        if until_item_end:
+            raise InvalidInstance("an item of undefined length has no Item Delimitation Item")
+        return pos
+
+    def items(self, pos: int, end: int, *, explicit: bool, undefined: bool = False) -> int:
+        """Walk the items of a sequence (or pixel data fragments) from pos; return the offset after it."""
+        while pos < end:
+            if end - pos < 8:
+                raise InvalidInstance("data set ends inside an item header")
+            tag = struct.unpack_from(self.endian + "HH", self.data, pos)
+            tag_value = tag[0] << 16 | tag[1]
+            (length,) = struct.unpack_from(self.endian + "L", self.data, pos + 4)
             pos += 8
-        if length == 0xFFFFFFFF:
-            # undefined length (sequence or encapsulated pixel data): pydicom's reader checks the rest
-            _full_read(data, ts)
-            return
-        if pos + length > end:
-            raise InvalidInstance(f"element ({group:04X},{elem:04X}) claims {length} bytes, "
-                                  f"only {end - pos} remain: the data set is truncated")
-        pos += length
+            if tag_value == _SEQUENCE_DELIMITER:
+                return pos
+            if tag_value != _ITEM:
+                raise InvalidInstance(f"expected an item in a sequence, found ({tag[0]:04X},{tag[1]:04X})")
+            if length == _UNDEFINED:
+                pos = self.elements(pos, len(self.data), explicit=explicit, until_item_end=True)
+            else:
+                if pos + length > end:
+                    raise InvalidInstance("an item runs past the end of its sequence: the data set is truncated")
+                pos += length
+        if undefined:
+            raise InvalidInstance("a sequence of undefined length has no Sequence Delimitation Item")
+        return pos
 
 
-def _full_read(data: bytes, ts: UID) -> None:
-    try:
-        ds = read_dataset(BytesIO(data), ts.is_implicit_VR, ts.is_little_endian)
-        for elem in ds.iterall():
-            _ = elem.value
-    except Exception as exc:  # see read_data_set
-        raise InvalidInstance(f"data set cannot be parsed: {exc}") from exc
+def check_structure(data: bytes, ts: UID) -> PixelDataElement | None:
+    """Prove the data set is complete and well nested; return where its pixel data is, if any."""
+    walker = _Walker(data, ts)
+    walker.elements(0, len(data), explicit=walker.explicit, top=True)
+    return walker.pixel_data
 
 
 def parse_instance(data: bytes, transfer_syntax_uid: str, *, affected_sop_class_uid: str | None = None,
@@ -214,12 +275,15 @@ def parse_instance(data: bytes, transfer_syntax_uid: str, *, affected_sop_class_
     """Validate one data set and extract its index attributes (PS3.4 B.2.3 statuses on refusal)."""
     ts = _transfer_syntax(transfer_syntax_uid)
     buf = inflate(data, ts)
-    check_structure(buf, ts)
+    pixel_data = check_structure(buf, ts)
     ds = read_data_set(buf, ts)
     try:
         metadata = ds.to_json_dict(BULK_DATA_THRESHOLD, _bulk_uri, suppress_invalid_tags=True)
     except Exception as exc:  # see read_data_set
         raise InvalidInstance(f"data set cannot be decoded: {exc}") from exc
+    if pixel_data is not None:
+        # PS3.18 F.2.6: pixel data is bulk data; WADO-RS metadata points at it
+        metadata["7FE00010"] = {"vr": pixel_data.vr, "BulkDataURI": "bulk/7FE00010"}
 
     uids = {}
     for keyword, tag_hex in (("SOPClassUID", "00080016"), ("SOPInstanceUID", "00080018"),
