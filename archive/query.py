@@ -6,7 +6,8 @@ Matching rules, decided once here:
   (PS3.4 C.2.2.2.1 permits case-insensitive PN matching).
 - `*` and `?` are wildcards for string VRs (C.2.2.2.4); a lone `*` is universal matching.
 - UID keys accept a list of UIDs (C.2.2.2.2); DA, TM and DT keys accept ranges (C.2.2.2.5); each
-  of StudyDate/StudyTime is matched independently (no combined date-time matching).
+  of StudyDate/StudyTime is matched independently (no combined date-time matching). A DT value's
+  "-HHMM" UTC offset is told apart from a range's '-' by shape (`_split_range`).
 - A zero-length value is universal matching (C.2.2.2.3): the key is returned, not matched.
 - A sequence key with one item whose sub-keys carry values matches entities having an item that
   matches every such sub-key (C.2.2.2.6).
@@ -17,6 +18,7 @@ Matching rules, decided once here:
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -117,9 +119,35 @@ def _json_text(alias: str, tag_hex: str, vr: str, *, item: str | None = None) ->
     return f"({base}->'{tag_hex}'->'Value'->>0)"
 
 
+# One DT value: date and time, optional fraction, optional UTC offset (PS3.5 Table 6.2-1)
+_DT_VALUE = re.compile(r"\d{4,14}(?:\.\d{1,6})?(?:[+-]\d{4})?")
+
+
+def _split_range(value: str, norm: Any) -> tuple[str, str] | None:
+    """(low, high) of a range (either may be empty), or None for a single value (PS3.4 C.2.2.2.5).
+
+    A DT value may end in a "-HHMM" UTC offset, so its '-' is not always the range separator: a
+    single value is one DT whose only '-' comes after the date (YYYYMMDD) and starts a 4-digit offset;
+    otherwise the separator is the first '-' that leaves a valid DT (or nothing) on each side.
+    """
+    if "-" not in value:
+        return None
+    if norm is not normalise_datetime:
+        low, _, high = value.partition("-")
+        return low, high
+    if _DT_VALUE.fullmatch(value) and value.count("-") == 1 and value.index("-") > 8:
+        return None
+    for pos, char in enumerate(value):
+        if char == "-":
+            low, high = value[:pos], value[pos + 1:]
+            if (not low or _DT_VALUE.fullmatch(low)) and (not high or _DT_VALUE.fullmatch(high)):
+                return low, high
+    raise QueryError(f"malformed date-time range {value!r}")
+
+
 def _range(sql: _Sql, expr: str, value: str, norm: Any) -> str:
-    if "-" not in value or norm is normalise_datetime and value.count("-") == 1 and value.index("-") > 8:
-        # DT values may carry a "-HHMM" UTC offset; a range always has a '-' right after a value or first
+    bounds = _split_range(value, norm)
+    if bounds is None:
         exact = norm(value)
         if exact is None:
             raise QueryError(f"malformed date/time value {value!r}")
@@ -127,7 +155,7 @@ def _range(sql: _Sql, expr: str, value: str, norm: Any) -> str:
             return f"{expr} = {sql.arg(exact)}"
         upper = norm(value, upper=True)
         return f"{expr} BETWEEN {sql.arg(exact)} AND {sql.arg(upper)}"
-    low, _, high = value.partition("-")
+    low, high = bounds
     parts = []
     if low:
         lo = norm(low)
