@@ -10,7 +10,8 @@ Matching rules, decided once here:
   "-HHMM" UTC offset is told apart from a range's '-' by shape (`_split_range`).
 - A zero-length value is universal matching (C.2.2.2.3): the key is returned, not matched.
 - A sequence key with one item whose sub-keys carry values matches entities having an item that
-  matches every such sub-key (C.2.2.2.6).
+  matches every such sub-key (C.2.2.2.6); the answer holds only the matching items, each with only
+  the requested sub-keys.
 - Entities without a value for a matched key do not match it.
 - Keys of levels below the query level are ignored; keys of unknown level are returned empty.
 """
@@ -212,7 +213,15 @@ def _condition(sql: _Sql, expr: str, match: Match, vr: str, values: list[str], f
     return ors[0] if len(ors) == 1 else "(" + " OR ".join(ors) + ")"
 
 
+def _sequence_items(alias: str, tag: int) -> str:
+    """The items of a stored sequence as a set of (item, n) rows, in stored order."""
+    base = f"({alias}.metadata::jsonb)" if alias == "i" else f"{alias}.attrs"
+    return (f"jsonb_array_elements(coalesce({base}->'{tag:08X}'->'Value', '[]'::jsonb)) "
+            f"WITH ORDINALITY AS seq(item, n)")
+
+
 def _sequence_condition(sql: _Sql, alias: str, key: QueryKey, fuzzy: bool) -> str | None:
+    """SQL that an item matches every valued sub-key of the key's single item, or None (universal)."""
     subs = []
     for sub in key.items or ():
         match = _VR_MATCH.get(sub.vr, Match.STRING)
@@ -224,9 +233,7 @@ def _sequence_condition(sql: _Sql, alias: str, key: QueryKey, fuzzy: bool) -> st
             subs.append(cond)
     if not subs:
         return None
-    base = f"({alias}.metadata::jsonb)" if alias == "i" else f"{alias}.attrs"
-    return (f"EXISTS (SELECT 1 FROM jsonb_array_elements(coalesce({base}->'{key.tag:08X}'->'Value', '[]'::jsonb))"
-            f" item WHERE {' AND '.join(subs)})")
+    return " AND ".join(subs)
 
 
 def _key_level(tag: int) -> Level:
@@ -238,6 +245,7 @@ def build_sql(query: Query, *, select: str | None = None) -> tuple[str, list[Any
     computed attributes asked for; `select` replaces the column list (retrieve uses it)."""
     sql = _Sql()
     level = query.level
+    matched_items: list[str] = []  # PS3.4 C.2.2.2.6: only the matching items of a sequence are returned
     if level.depth < query.top.depth:
         raise QueryError(f"level {level.value} is not part of this information model")
     for key in query.keys:
@@ -253,6 +261,11 @@ def build_sql(query: Query, *, select: str | None = None) -> tuple[str, list[Any
             continue
         if key.vr == "SQ":
             cond = _sequence_condition(sql, klevel.alias, key, query.fuzzy)
+            if cond:
+                items = _sequence_items(klevel.alias, key.tag)
+                matched_items.append(f"(SELECT jsonb_agg(item ORDER BY n) FROM {items} WHERE {cond}) "
+                                     f"AS m_{key.tag:08x}")
+                cond = f"EXISTS (SELECT 1 FROM {items} WHERE {cond})"
         elif indexed is not None:
             cond = _condition(sql, f"{klevel.alias}.{indexed.column}", indexed.match, indexed.vr, values,
                               query.fuzzy)
@@ -274,6 +287,7 @@ def build_sql(query: Query, *, select: str | None = None) -> tuple[str, list[Any
         for key in query.keys:
             if key.tag in _COMPUTED_SQL and BY_TAG[key.tag].level.depth <= level.depth:
                 cols.append(f"{_COMPUTED_SQL[key.tag]} AS c_{key.tag:08x}")
+        cols += matched_items
         if level is Level.IMAGE and (query.include_all or any(
                 _key_level(k.tag) is Level.IMAGE and k.tag not in BY_TAG for k in query.keys)):
             cols.append("i.metadata AS i_metadata")
@@ -289,8 +303,11 @@ def build_sql(query: Query, *, select: str | None = None) -> tuple[str, list[Any
     return text, sql.args
 
 
-def _filter_items(elem: dict[str, Any], key: QueryKey) -> dict[str, Any]:
-    """A returned sequence keeps only the sub-keys the request named (all if it named none)."""
+def _filter_items(elem: dict[str, Any], key: QueryKey, matched: list[Any] | None) -> dict[str, Any]:
+    """A returned sequence keeps only the items that matched (`matched`, when the key had item values)
+    and in them only the sub-keys the request named (all if it named none) (PS3.4 C.2.2.2.6)."""
+    if matched is not None:
+        elem = {**elem, "Value": matched}
     if not key.items or "Value" not in elem:
         return elem
     wanted = {f"{s.tag:08X}" for s in key.items}
@@ -336,5 +353,6 @@ def row_to_json(query: Query, row: Any) -> dict[str, Any]:
         if klevel is Level.IMAGE and metadata is not None and tag_hex not in src:
             src = metadata
         elem = src.get(tag_hex)
-        out[tag_hex] = _filter_items(elem, key) if elem is not None else {"vr": key.vr}
+        matched = row[f"m_{key.tag:08x}"] if key.vr == "SQ" and f"m_{key.tag:08x}" in row.keys() else None
+        out[tag_hex] = _filter_items(elem, key, matched) if elem is not None else {"vr": key.vr}
     return dict(sorted(out.items()))
