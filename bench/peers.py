@@ -133,8 +133,10 @@ def orthanc(workdir: Path, destinations: dict[str, tuple[str, int]], tcp_nodelay
         env = DCMTK_ENV if tcp_nodelay else {k: v for k, v in os.environ.items() if k != "TCP_NODELAY"}
         proc = _spawn([ORTHANC_BIN, str(conf)], log, env=env)
         try:
+            direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # ignore *_proxy
+
             def ready() -> bool:
-                with urllib.request.urlopen(f"http://{HOST}:{http_port}/system", timeout=2) as r:
+                with direct.open(f"http://{HOST}:{http_port}/system", timeout=2) as r:
                     return r.status == 200
             _wait(ready, proc, log, "Orthanc")
             yield Peer("orthanc", "ORTHANC", HOST, dicom_port, http_port)
