@@ -11,7 +11,6 @@ import asyncio
 import struct
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification
 
 from gateway.dimse import commands as C
-from gateway.dimse.association import (Association, AssociationAccepted, AssociationRejected, MessageReceived)
+from gateway.dimse.association import Association, AssociationAccepted, MessageReceived
 from gateway.dimse.pdu import (PDV, AAssociateRQ, PDataTF, PresentationContextRQ, UserInformation, encode)
 
 HOST = "127.0.0.1"
