@@ -13,13 +13,12 @@ from dataclasses import dataclass
 from io import BytesIO
 from typing import Any
 
-from pydicom.dataelem import DataElement
 from pydicom.datadict import dictionary_VR
-from pydicom.dataset import Dataset
-from pydicom.filereader import read_dataset, read_preamble, _read_file_meta_info
+from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.uid import UID
 
 from archive.attributes import INDEXED_KEYS, LEVEL_TAGS, Level, Match
+from archive.dicom_json import to_dicom_json
 from archive.errors import InvalidInstance
 
 IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.10.1464.1"  # vna's, under the pydicom-registered root
@@ -51,15 +50,6 @@ class ParsedInstance:
     columns: dict[str, Any]                 # indexed column name -> normalised value
     level_attrs: dict[Level, dict[str, Any]]  # DICOM JSON per level
     metadata: dict[str, Any]                # DICOM JSON of the whole data set, bulk data as URIs
-
-
-def _bulk_uri(elem: DataElement) -> str:
-    # A placeholder the DICOMweb layer turns into an absolute BulkDataURI (PS3.18 F.2.6).
-    return f"bulk/{elem.tag:08X}"
-
-
-def _stop_at_pixel_data(tag: Any, vr: Any, length: int) -> bool:
-    return tag >= 0x7FE00010
 
 
 def normalise_date(value: str | None) -> str | None:
@@ -156,15 +146,6 @@ def inflate(data: bytes, ts: UID) -> bytes:
         raise InvalidInstance(f"deflated data set does not inflate: {exc}") from exc
 
 
-def read_data_set(buf: bytes, ts: UID) -> Dataset:
-    """Decode the (inflated) data set up to the pixel data, as encoded in `ts`."""
-    try:
-        ds = read_dataset(BytesIO(buf), ts.is_implicit_VR, ts.is_little_endian, stop_when=_stop_at_pixel_data)
-    except Exception as exc:  # pydicom raises many kinds on malformed input: all mean "cannot understand"
-        raise InvalidInstance(f"data set cannot be parsed: {exc}") from exc
-    return ds
-
-
 _LONG_VRS = frozenset((b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"))
 _ITEM, _ITEM_DELIMITER, _SEQUENCE_DELIMITER = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 _UNDEFINED = 0xFFFFFFFF
@@ -185,6 +166,14 @@ def _is_sequence(tag: int) -> bool:
         return dictionary_VR(tag) == "SQ"
     except KeyError:
         return False
+
+
+@dataclass(frozen=True, slots=True)
+class Structure:
+    """What the walk learnt: the encoding actually used and where the pixel data is."""
+
+    implicit_vr: bool
+    pixel_data: PixelDataElement | None
 
 
 class _Walker:
@@ -217,7 +206,7 @@ class _Walker:
     def elements(self, pos: int, end: int, *, explicit: bool, top: bool = False, until_item_end: bool = False) -> int:
         if top and explicit and end - pos >= 6 and not self.data[pos + 4:pos + 6].isalpha():
             # an "explicit VR" data set actually written in implicit VR: read it as pydicom does
-            explicit = False
+            explicit = self.explicit = False
         while pos < end:
             tag, vr, length, value = self._header(pos, end, explicit)
             if tag == _ITEM_DELIMITER and until_item_end:
@@ -263,11 +252,11 @@ class _Walker:
         return pos
 
 
-def check_structure(data: bytes, ts: UID) -> PixelDataElement | None:
-    """Prove the data set is complete and well nested; return where its pixel data is, if any."""
+def check_structure(data: bytes, ts: UID) -> Structure:
+    """Prove the data set is complete and well nested; say how it is encoded and where its pixel data is."""
     walker = _Walker(data, ts)
     walker.elements(0, len(data), explicit=walker.explicit, top=True)
-    return walker.pixel_data
+    return Structure(implicit_vr=not walker.explicit, pixel_data=walker.pixel_data)
 
 
 def parse_instance(data: bytes, transfer_syntax_uid: str, *, affected_sop_class_uid: str | None = None,
@@ -275,12 +264,10 @@ def parse_instance(data: bytes, transfer_syntax_uid: str, *, affected_sop_class_
     """Validate one data set and extract its index attributes (PS3.4 B.2.3 statuses on refusal)."""
     ts = _transfer_syntax(transfer_syntax_uid)
     buf = inflate(data, ts)
-    pixel_data = check_structure(buf, ts)
-    ds = read_data_set(buf, ts)
-    try:
-        metadata = ds.to_json_dict(BULK_DATA_THRESHOLD, _bulk_uri, suppress_invalid_tags=True)
-    except Exception as exc:  # see read_data_set
-        raise InvalidInstance(f"data set cannot be decoded: {exc}") from exc
+    structure = check_structure(buf, ts)
+    metadata = to_dicom_json(buf, implicit_vr=structure.implicit_vr, little_endian=ts.is_little_endian,
+                             bulk_data_threshold=BULK_DATA_THRESHOLD)
+    pixel_data = structure.pixel_data
     if pixel_data is not None:
         # PS3.18 F.2.6: pixel data is bulk data; WADO-RS metadata points at it
         metadata["7FE00010"] = {"vr": pixel_data.vr, "BulkDataURI": "bulk/7FE00010"}
