@@ -182,11 +182,10 @@ def test_corpus_file_to_the_end(name: str) -> None:
 
 @pytest.mark.parametrize("implicit,little", [(True, True), (False, False)],
                          ids=["implicit-little", "explicit-big"])
-@pytest.mark.parametrize("name", list(CORPUS))
+@pytest.mark.parametrize("name", [n for n in CORPUS if not _excluded(n, EXCLUDED)])
 def test_corpus_file_reencoded(name: str, implicit: bool, little: bool) -> None:
-    """The same data set written by pydicom in another VR encoding / byte order."""
-    if reason := _excluded(name, EXCLUDED):
-        pytest.skip(f"excluded: {reason}")
+    """The same data set written by pydicom in another VR encoding / byte order (the truncated files,
+    which pydicom cannot re-encode, are checked by the two tests above)."""
     source, source_implicit, source_little = load(CORPUS[name])
 
     def encode() -> bytes:
