@@ -99,10 +99,15 @@ class DimseServer:
         assert task is not None
         self._handlers.add(task)
         self.metrics.associations_active.inc()
+        handler = _AssociationHandler(self, reader, writer)
         try:
-            await _AssociationHandler(self, reader, writer).run()
+            await handler.run()
         except asyncio.CancelledError:
-            pass
+            # `close` ran out of drain time: end the association with an A-ABORT (PS3.8 7.3.1), so the
+            # peer learns it was aborted rather than seeing the transport vanish
+            abort = handler.assoc.abort(0, 0)
+            if abort and not writer.is_closing():
+                writer.write(abort)
         finally:
             self._handlers.discard(task)
             self.metrics.associations_active.dec()
