@@ -185,6 +185,8 @@ def _condition(sql: _Sql, expr: str, match: Match, vr: str, values: list[str], f
             norm = {Match.DATE: normalise_date, Match.TIME: normalise_time, Match.DATETIME: normalise_datetime}[match]
             ors.append(_range(sql, expr, v, norm))
         elif match is Match.NUMBER:
+            if v == "*":
+                return None  # a lone '*' is universal matching whatever the VR (PS3.4 C.2.2.2.4)
             try:
                 ors.append(f"{expr} = {sql.arg(int(v))}")
             except ValueError as exc:
