@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -125,7 +126,10 @@ class Runtime:
         self._stack.callback(sweeper.cancel)
 
         self.ports = Ports(dicom=dicom_port, http=http_port)
-        (s.data_dir / "ports.json").write_text(json.dumps({"dicom": dicom_port, "http": http_port}))
+        # written whole, then renamed: whoever polls for the file never reads it empty or half written
+        tmp = s.data_dir / "ports.json.tmp"
+        tmp.write_text(json.dumps({"dicom": dicom_port, "http": http_port}))
+        os.replace(tmp, s.data_dir / "ports.json")
         log.info("vna %s listening: DICOM port %d, HTTP port %d, data in %s", s.ae_title, dicom_port, http_port,
                  s.data_dir)
         self.ready = True
