@@ -14,10 +14,12 @@ the dcmtk tools (TCP_NODELAY=1) as clients:
   C-MOVE of one 100-instance study to a dcmtk ``storescp`` (``movescu -aem``), median of 3.
 
 Orthanc runs with TCP_NODELAY=1 too (its DICOM stack is dcmtk), unless ``--orthanc-delayed-ack``.
+vna runs from this work tree, or with ``--vna-ref REV`` from a snapshot of that commit (immune to
+edits in progress in the work tree).
 
 Usage::
 
-    python bench/dimse.py [--peers vna,orthanc] [--quick] [--orthanc-delayed-ack] [--keep]
+    python bench/dimse.py [--peers vna,orthanc] [--quick] [--vna-ref HEAD] [--orthanc-delayed-ack] [--keep]
 
 Results are printed as a table and written to ``bench/out/dimse-<timestamp>.json``.
 """
@@ -223,26 +225,47 @@ def table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def vna_snapshot(ref: str | None, dest: Path) -> tuple[Path, str]:
+    """(source directory, version) of the vna to run: the work tree, or commit ``ref`` exported to
+    ``dest``."""
+    git = ["git", "-C", str(peers.REPO)]
+    if ref is None:
+        head = _git(git + ["rev-parse", "--short", "HEAD"])
+        dirty = _git(git + ["status", "--porcelain", "--untracked-files=no"])
+        return peers.REPO, head + ("+dirty" if dirty else "")
+    dest.mkdir(parents=True)
+    archive = subprocess.run(git + ["archive", ref], check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    return dest, _git(git + ["rev-parse", "--short", ref])
+
+
+def _git(args: list[str]) -> str:
+    return subprocess.run(args, check=True, capture_output=True, text=True).stdout.strip()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--peers", default="vna,orthanc", help="comma-separated: vna, orthanc")
     p.add_argument("--quick", action="store_true", help="1 run of each C-STORE and C-MOVE, fewer C-FINDs")
     p.add_argument("--orthanc-delayed-ack", action="store_true",
                    help="run Orthanc without TCP_NODELAY=1 (its responses then wait for delayed ACKs)")
+    p.add_argument("--vna-ref", metavar="REV", help="run vna from a snapshot of commit REV (e.g. HEAD)")
     p.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "vna-bench-data" / "dimse",
                    help="data set directory (generated once, then reused)")
     p.add_argument("--keep", action="store_true", help="keep the peers' working directories")
     a = p.parse_args(argv)
-    factories = {"orthanc": functools.partial(peers.orthanc, tcp_nodelay=not a.orthanc_delayed_ack),
-                 "vna": peers.vna}
     names = [n.strip() for n in a.peers.split(",") if n.strip()]
-    if unknown := set(names) - set(factories):
+    if unknown := set(names) - {"vna", "orthanc"}:
         p.error(f"unknown peers: {', '.join(sorted(unknown))}")
     studies = data.generate(a.data, *data.PRESETS["dimse"])
     print(f"data: {sum(s.instances for s in studies)} instances in {len(studies)} studies ({a.data})")
     load_before = os.getloadavg()
     work = Path(tempfile.mkdtemp(prefix="vna-bench-dimse-"))
     try:
+        vna_source, vna_version = vna_snapshot(a.vna_ref, work / "vna-src")
+        print(f"vna: {vna_version} ({vna_source})")
+        factories = {"orthanc": functools.partial(peers.orthanc, tcp_nodelay=not a.orthanc_delayed_ack),
+                     "vna": functools.partial(peers.vna, source=vna_source)}
         with peers.storescp(work / "storescp") as dest:
             bench = Bench({n: factories[n] for n in names}, studies, dest, work, a.quick, a.keep)
             bench.run()
@@ -257,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     OUT.mkdir(exist_ok=True)
     out = OUT / f"dimse-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(json.dumps({"host": platform.node(), "cpus": os.cpu_count(), "quick": a.quick,
-                               "orthanc_tcp_nodelay": not a.orthanc_delayed_ack,
+                               "orthanc_tcp_nodelay": not a.orthanc_delayed_ack, "vna_version": vna_version,
                                "loadavg_before": load_before, "loadavg_after": load_after,
                                "instances": len(bench.files), "studies": len(studies),
                                "results": bench.results}, indent=1))

@@ -150,9 +150,9 @@ def _vna_cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "gateway.cli", *args]
 
 
-def _vna_env() -> dict[str, str]:
+def _vna_env(source: Path) -> dict[str, str]:
     path = os.environ.get("PYTHONPATH")
-    return {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{path}" if path else str(REPO)}
+    return {**os.environ, "PYTHONPATH": f"{source}{os.pathsep}{path}" if path else str(source)}
 
 
 def _stop_orphan_postgres(data_dir: Path) -> None:
@@ -167,13 +167,15 @@ def _stop_orphan_postgres(data_dir: Path) -> None:
 
 
 @contextmanager
-def vna(workdir: Path, destinations: dict[str, tuple[str, int]], aet: str = "VNA") -> Iterator[Peer]:
-    """vna serving a new data directory ``workdir/data``, with ``destinations`` registered."""
+def vna(workdir: Path, destinations: dict[str, tuple[str, int]], aet: str = "VNA",
+        source: Path = REPO) -> Iterator[Peer]:
+    """vna (the code in ``source``, by default this work tree) serving a new data directory
+    ``workdir/data``, with ``destinations`` registered."""
     data = workdir / "data"
     data.mkdir(parents=True, exist_ok=True)
     log = workdir / "vna.log"
     ports_file = data / "ports.json"
-    env = _vna_env()
+    env = _vna_env(source)
     proc = _spawn(_vna_cli("serve", "--data-dir", str(data), "--dicom-port", "0", "--http-port", "0",
                            "--ae-title", aet), log, env=env)
     try:
