@@ -16,11 +16,13 @@ import logging
 import time
 from dataclasses import dataclass
 
+from archive.attributes import Level
 from archive.config import IngestSettings
 from archive.errors import DuplicateConflict, InvalidInstance, VnaError
 from archive.index import Index
 from archive.instance import ParsedInstance, file_meta, parse_instance, split_part10
 from archive.objectstore import ObjectStore
+from archive.query import Query, QueryKey
 from metrics.registry import Metrics
 
 log = logging.getLogger(__name__)
@@ -95,14 +97,34 @@ class Ingestor:
             raise
         if result.obsolete_location is not None:
             await self._discard(result.obsolete_location)
-        if result.outcome == "conflict":
+        outcome = result.outcome
+        if outcome == "conflict" and await self._same_data_set(parsed, parts, dataset_offset):
+            outcome = "duplicate"
+        if outcome == "conflict":
             self.metrics.ingest_failures.labels("conflict").inc()
             raise DuplicateConflict(f"SOP Instance {parsed.sop_instance_uid} is already stored with other "
                                     "content (duplicate policy: reject)")
-        self.metrics.stored_instances.labels(result.outcome, protocol).inc()
+        self.metrics.stored_instances.labels(outcome, protocol).inc()
         self.metrics.stored_bytes.labels(protocol).inc(sum(map(len, parts)))
         self.metrics.ingest_latency.labels(protocol).observe(time.perf_counter() - started)
-        return IngestResult(parsed, result.outcome)
+        return IngestResult(parsed, outcome)
+
+    async def _same_data_set(self, parsed: ParsedInstance, parts: list[bytes], dataset_offset: int) -> bool:
+        """Is the instance already stored under this SOP Instance UID the same data set in the same transfer
+        syntax? The digest covers the whole object, File Meta Information included, which differs when one
+        instance arrives over C-STORE and STOW-RS, or from two AE titles: that is a duplicate, not a conflict."""
+        query = Query(level=Level.IMAGE, keys=(QueryKey(0x00080018, "UI", parsed.sop_instance_uid),),
+                      top=Level.STUDY)
+        try:
+            found = await self.index.locate(query, timeout=self._db_timeout)
+            if len(found) != 1 or found[0].transfer_syntax_uid != parsed.transfer_syntax_uid:
+                return False
+            existing = await self.store.get(found[0].location, offset=found[0].dataset_offset,
+                                            timeout=self._store_timeout)
+        except VnaError as exc:
+            log.warning("could not compare %s with the stored instance: %s", parsed.sop_instance_uid, exc)
+            return False
+        return existing == b"".join(parts)[dataset_offset:]
 
     async def _discard(self, location: str) -> None:
         # The index no longer names this object; if the delete fails the orphan sweeper retries it.
