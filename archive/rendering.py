@@ -293,7 +293,7 @@ def _voi(values: np.ndarray, ds: Dataset, frame: int, window: Window | None) -> 
 def _fit(image: np.ndarray, viewport: Viewport | None,
          region: tuple[float, float, float, float] | None) -> Image.Image:
     """Crop the source region and scale it to fit the viewport, keeping the aspect ratio."""
-    pil = Image.fromarray(image, "RGB" if image.ndim == 3 else "L")
+    pil = Image.fromarray(np.ascontiguousarray(image))  # uint8: "L" for (rows, cols), "RGB" for (rows, cols, 3)
     rows, cols = image.shape[:2]
     if region is not None:
         x1, y1, x2, y2 = region

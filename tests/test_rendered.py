@@ -134,6 +134,13 @@ async def test_ct_rendered_as_jpeg_and_png_with_windows(vna) -> None:
         exact = np.clip(((hu - 40) / 400 + 0.5) * 255.0, 0, 255)
         assert_rounds_to(decoded(body), exact)
 
+        # image/gif, the third rendered image media type, is lossless for 8-bit grayscale too
+        status, headers, body = await get(s, url, "image/gif", window="40,400")
+        assert status == 200 and headers["Content-Type"] == "image/gif"
+        gif = Image.open(io.BytesIO(body))
+        assert gif.format == "GIF"
+        assert np.array_equal(np.asarray(gif.convert("L")), png)
+
         # JPEG is lossy but close to the PNG rendering
         _, _, body = await get(s, url, "image/jpeg", window="40,400", quality="95")
         assert np.abs(decoded(body).astype(int) - png.astype(int)).mean() < 3
