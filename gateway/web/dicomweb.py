@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from typing import Any
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
@@ -31,7 +32,29 @@ def base_url(request: web.Request) -> str:
     settings = request.app[SETTINGS_KEY]
     if settings.public_base_url:
         return settings.public_base_url.rstrip("/")
-    return f"{request.scheme}://{request.host}{settings.root}"
+    return f"{request.scheme}://{_host_with_port(request)}{settings.root}"
+
+
+def _host_with_port(request: web.Request) -> str:
+    """The Host header, with the port the client connected to when it left it out.
+
+    dicomweb-client (0.61.2) sends `Host: 127.0.0.1` for `http://127.0.0.1:8080/...` (RFC 9110 7.2 wants
+    the port), so URIs built from the header would point at port 80. A client that names this socket's
+    own address (or localhost) connected to us directly, not through a proxy, on this socket's port.
+    """
+    host = request.host
+    try:
+        has_port = urlsplit(f"//{host}").port is not None
+    except ValueError:
+        return host
+    sockname = request.transport.get_extra_info("sockname") if request.transport else None
+    if has_port or not isinstance(sockname, tuple) or len(sockname) < 2:
+        return host
+    local_ip, local_port = sockname[0], sockname[1]
+    default_port = 443 if request.scheme == "https" else 80
+    if host.strip("[]") in (local_ip, "localhost") and local_port != default_port:
+        return f"{host}:{local_port}"
+    return host
 
 
 def json_response(payload: Any, *, headers: dict[str, str] | None = None) -> web.Response:
