@@ -107,5 +107,7 @@ def add_routes(app: web.Application, settings: DicomwebSettings) -> None:
     r.add_get(f"{root}/studies/{{study}}/series", _searcher(Level.SERIES))
     r.add_get(f"{root}/studies/{{study}}/instances", _searcher(Level.IMAGE))
     r.add_get(f"{root}/studies/{{study}}/series/{{series}}/instances", _searcher(Level.IMAGE))
+    from gateway.web import wado  # imported here: wado uses this module's keys and helpers
+    wado.add_routes(app, settings)
     from gateway.web import rendered  # here: rendered resources and WADO-URI use this module's keys
     rendered.add_routes(app, settings)
