@@ -96,15 +96,23 @@ class Index:
             raise _translate(exc) from exc
         return [row_to_json(query, r) for r in rows]
 
-    async def iter_find(self, query: Query, *, timeout: float, batch: int = 200) -> AsyncIterator[dict[str, Any]]:
-        """Like `find`, but streams rows with a cursor (large C-FIND answers, cancellable)."""
-        sql, args = build_sql(query)
-        try:
-            async with self.pool.acquire(timeout=timeout) as conn, conn.transaction(readonly=True):
-                async for row in conn.cursor(sql, *args, prefetch=batch, timeout=timeout):
-                    yield row_to_json(query, row)
-        except _DB_ERRORS as exc:
-            raise _translate(exc) from exc
+    async def find_pages(self, query: Query, *, timeout: float,
+                         page_size: int = 100) -> AsyncIterator[list[dict[str, Any]]]:
+        """Like `find`, a page at a time (bounded memory for large C-FIND answers, cancellable
+        between pages); each page is one short statement, so no connection is held in between."""
+        after = None
+        while True:
+            sql, args = build_sql(query, page_after=after, page_size=page_size)
+            try:
+                rows = await self.pool.fetch(sql, *args, timeout=timeout)
+            except _DB_ERRORS as exc:
+                raise _translate(exc) from exc
+            if not rows:
+                return
+            yield [row_to_json(query, r) for r in rows]
+            if len(rows) < page_size:
+                return
+            after = rows[-1]["pk"]
 
     async def locate(self, query: Query, *, timeout: float) -> list[LocatedInstance]:
         """Every instance at or under the entities `query` matches (C-MOVE, C-GET, WADO)."""
@@ -165,6 +173,28 @@ class Index:
         except _DB_ERRORS as exc:
             raise _translate(exc) from exc
         return [ApplicationEntity(*r) for r in rows]
+
+    async def delete_instances(self, study_instance_uid: str, series_instance_uid: str | None = None,
+                               sop_instance_uid: str | None = None, *, timeout: float) -> list[tuple[str, str]]:
+        """Remove a study, a series of it or one instance of that series from the index, with the series,
+        studies and patients left empty, in one transaction; return the (store, location) of every object
+        the removed rows named. The caller deletes those objects afterwards: a crash in between leaves
+        objects no row names, which `sweep_orphans` removes."""
+        try:
+            async with self.pool.acquire(timeout=timeout) as conn, conn.transaction():
+                rows = await conn.fetch(
+                    "DELETE FROM instance i USING series s, study st "
+                    "WHERE i.series_fk = s.pk AND s.study_fk = st.pk AND st.study_instance_uid = $1 "
+                    "AND ($2::text IS NULL OR s.series_instance_uid = $2) "
+                    "AND ($3::text IS NULL OR i.sop_instance_uid = $3) "
+                    "RETURNING i.series_fk, i.store, i.location",
+                    study_instance_uid, series_instance_uid, sop_instance_uid, timeout=timeout)
+                if rows:
+                    await conn.execute("SELECT vna_prune_series(fk) FROM unnest($1::bigint[]) AS fk",
+                                       sorted({r["series_fk"] for r in rows}), timeout=timeout)
+        except _DB_ERRORS as exc:
+            raise _translate(exc) from exc
+        return [(r["store"], r["location"]) for r in rows]
 
     # -- WADO-RS: one instance, series or study by its UIDs ------------------------------------------
     @staticmethod

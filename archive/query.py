@@ -242,9 +242,13 @@ def _key_level(tag: int) -> Level:
     return level_of(tag) or Level.IMAGE
 
 
-def build_sql(query: Query, *, select: str | None = None) -> tuple[str, list[Any]]:
+def build_sql(query: Query, *, select: str | None = None, page_after: int | None = None,
+              page_size: int | None = None) -> tuple[str, list[Any]]:
     """SELECT for `query`: by default the attrs of each level down to the query level and the
-    computed attributes asked for; `select` replaces the column list (retrieve uses it)."""
+    computed attributes asked for; `select` replaces the column list (retrieve uses it).
+
+    With `page_size`, rows come a page at a time in primary-key order (keyset pagination: the next
+    page starts after `page_after`, the last pk seen, which the `pk` column returns)."""
     sql = _Sql()
     level = query.level
     matched_items: list[str] = []  # PS3.4 C.2.2.2.6: only the matching items of a sequence are returned
@@ -294,11 +298,17 @@ def build_sql(query: Query, *, select: str | None = None) -> tuple[str, list[Any
                 _key_level(k.tag) is Level.IMAGE and k.tag not in BY_TAG for k in query.keys)):
             cols.append("i.metadata AS i_metadata")
         select = ", ".join(cols)
+    if page_size is not None:
+        select = f"{level.alias}.pk AS pk, {select}"
+        if page_after is not None:
+            sql.where.append(f"{level.alias}.pk > {sql.arg(page_after)}")
     text = f"SELECT {select} FROM {_FROM[level]}"
     if sql.where:
         text += " WHERE " + " AND ".join(sql.where)
     text += f" ORDER BY {level.alias}.pk"
-    if query.limit is not None:
+    if page_size is not None:
+        text += f" LIMIT {int(page_size)}"
+    elif query.limit is not None:
         text += f" LIMIT {int(query.limit)}"
     if query.offset:
         text += f" OFFSET {int(query.offset)}"

@@ -11,9 +11,9 @@ from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
 from pydicom.multival import MultiValue
 from pydicom.uid import UID
-from pynetdicom.dsutils import encode
 
 from archive.attributes import Level
+from archive.dataset_encoding import encode_json_dataset
 from archive.query import Query, QueryKey
 from gateway.dimse.negotiation import (PATIENT_ROOT_FIND, PATIENT_ROOT_GET, PATIENT_ROOT_MOVE)
 
@@ -85,30 +85,31 @@ def _non_ascii(obj: Any) -> bool:
     return False
 
 
+def _encode(data: dict[str, Any], transfer_syntax_uid: str, text_encoding: str = "ascii") -> bytes:
+    ts = UID(transfer_syntax_uid)
+    return encode_json_dataset(data, implicit_vr=ts.is_implicit_VR, little_endian=ts.is_little_endian,
+                               deflated=ts.is_deflated, text_encoding=text_encoding)
+
+
 def encode_response(match: dict[str, Any], level: Level, transfer_syntax_uid: str,
                     request_charset: Any = None) -> bytes:
     """A C-FIND response Identifier from one match's DICOM JSON, in the context's transfer syntax.
 
-    Names are stored decoded; a response holding non-ASCII text is sent as UTF-8 (ISO_IR 192).
+    Names are stored decoded; a response holding non-ASCII text is sent as UTF-8 (ISO_IR 192,
+    PS3.5 6.1.2.5.3); an all-ASCII one repeats the request's Specific Character Set.
     """
-    ds = Dataset.from_json(match)
+    data = dict(match)
+    encoding = "ascii"
     if _non_ascii(match):
-        ds.SpecificCharacterSet = "ISO_IR 192"
+        data["00080005"] = {"vr": "CS", "Value": ["ISO_IR 192"]}
+        encoding = "utf-8"
     elif request_charset:
-        ds.SpecificCharacterSet = request_charset
-    ds.QueryRetrieveLevel = level.value
-    ts = UID(transfer_syntax_uid)
-    data = encode(ds, ts.is_implicit_VR, ts.is_little_endian, ts.is_deflated)
-    if data is None:
-        raise IdentifierError("response identifier cannot be encoded", 0xC000)
-    return data
+        values = [request_charset] if isinstance(request_charset, str) else list(request_charset)
+        data["00080005"] = {"vr": "CS", "Value": values}
+    data["00080052"] = {"vr": "CS", "Value": [level.value]}
+    return _encode(data, transfer_syntax_uid, encoding)
 
 
 def encode_failed_list(sop_instance_uids: list[str], transfer_syntax_uid: str) -> bytes:
     """The Identifier of a final C-MOVE/C-GET response: Failed SOP Instance UID List (PS3.4 C.4.2.1.4)."""
-    ds = Dataset()
-    ds.FailedSOPInstanceUIDList = sop_instance_uids
-    ts = UID(transfer_syntax_uid)
-    data = encode(ds, ts.is_implicit_VR, ts.is_little_endian, ts.is_deflated)
-    assert data is not None
-    return data
+    return _encode({"00080058": {"vr": "UI", "Value": list(sop_instance_uids)}}, transfer_syntax_uid)

@@ -18,7 +18,7 @@ from typing import Any
 from archive.config import Settings
 from archive.errors import InvalidInstance, PeerError, RemoteError, VnaError
 from archive.index import LocatedInstance
-from archive.instance import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+from archive.instance import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, parse_instance
 from archive.services import ArchiveServices
 from gateway.dimse import commands as C
 from gateway.dimse.association import (Aborted, Association, AssociationRequested, MessageReceived,
@@ -26,7 +26,7 @@ from gateway.dimse.association import (Aborted, Association, AssociationRequeste
 from gateway.dimse.identifier import (IdentifierError, decode_identifier, encode_failed_list, encode_response,
                                       query_from_identifier)
 from gateway.dimse.negotiation import (RJ_LOCAL_LIMIT_EXCEEDED, RJ_SOURCE_PRESENTATION, RJ_TRANSIENT,
-                                       AcceptancePolicy, check_association, negotiate)
+                                       STORAGE_SOP_CLASSES, AcceptancePolicy, check_association, negotiate)
 from gateway.dimse.pdu import AAssociateRJ
 from gateway.dimse.retrieve import (MOVE_DESTINATION_UNKNOWN, PENDING, REFUSED_SUBOPS, SubOperations,
                                     contexts_for, run_suboperations)
@@ -284,8 +284,11 @@ class _AssociationHandler:
         cmd = msg.command
         ctx = self.assoc.contexts[msg.context_id]
         comment = None
+        sop_class = cmd.get("AffectedSOPClassUID")
         if msg.dataset is None:
             status, comment = 0xC000, "C-STORE-RQ without a data set"
+        elif sop_class != ctx.abstract_syntax or sop_class not in STORAGE_SOP_CLASSES:
+            status, comment = self._not_negotiated(msg, sop_class)
         else:
             try:
                 await self.services.ingestor.ingest_dataset(
@@ -305,6 +308,21 @@ class _AssociationHandler:
         self.metrics.dimse_requests.labels("C-STORE", _status_class(status)).inc()
         self.metrics.dimse_latency.labels("C-STORE").observe(time.perf_counter() - started)
 
+    def _not_negotiated(self, msg: MessageReceived, sop_class: str | None) -> tuple[int, str]:
+        """The refusal of a C-STORE outside the SOP class of its presentation context: 0122H "SOP Class
+        Not Supported" (PS3.7 C.5; PS3.8 9.3.2.2: a context carries the SOP class it was negotiated
+        for, and no related general SOP classes are agreed, PS3.7 D.3.3.6). A request that its own
+        data set contradicts is reported as that first (PS3.4 B.2.3 A900)."""
+        ctx = self.assoc.contexts[msg.context_id]
+        assert msg.dataset is not None
+        if ctx.abstract_syntax in STORAGE_SOP_CLASSES:
+            try:
+                parse_instance(msg.dataset, ctx.transfer_syntax, affected_sop_class_uid=sop_class,
+                               affected_sop_instance_uid=msg.command.get("AffectedSOPInstanceUID"))
+            except InvalidInstance as exc:
+                return exc.status, exc.reason
+        return 0x0122, f"SOP Class {sop_class} not negotiated on context {msg.context_id}"
+
     async def _c_find(self, msg: MessageReceived, cancel: asyncio.Event) -> int:
         ctx = self.assoc.contexts[msg.context_id]
         if msg.dataset is None:
@@ -312,14 +330,20 @@ class _AssociationHandler:
         ds = decode_identifier(msg.dataset, ctx.transfer_syntax)
         query = query_from_identifier(ds, ctx.abstract_syntax)
         charset = ds.get("SpecificCharacterSet")
-        async for match in self.services.index.iter_find(query, timeout=self.settings.dimse_timeout):
+        pending = {"CommandField": C.C_FIND_RSP, "MessageIDBeingRespondedTo": msg.command.get("MessageID", 0),
+                   "Status": PENDING, "AffectedSOPClassUID": ctx.abstract_syntax}
+        async for page in self.services.index.find_pages(query, timeout=self.settings.dimse_timeout):
             if cancel.is_set():
-                await self._respond(msg, 0xFE00)
-                return 0xFE00
-            data = encode_response(match, query.level, ctx.transfer_syntax, charset)
-            await self._respond(msg, PENDING, dataset=data)
-        await self._respond(msg, 0x0000)
-        return 0x0000
+                break
+            # one write per page: the pending responses of a page leave in as few segments as possible
+            pdus: list[bytes] = []
+            for match in page:
+                data = encode_response(match, query.level, ctx.transfer_syntax, charset)
+                pdus += self.assoc.send_message(msg.context_id, pending, data)
+            await self._write(pdus)
+        status = 0xFE00 if cancel.is_set() else 0x0000
+        await self._respond(msg, status)
+        return status
 
     async def _locate(self, msg: MessageReceived) -> list[LocatedInstance]:
         ctx = self.assoc.contexts[msg.context_id]
