@@ -109,5 +109,8 @@ def add_routes(app: web.Application, settings: DicomwebSettings) -> None:
     r.add_get(f"{root}/studies/{{study}}/series/{{series}}/instances", _searcher(Level.IMAGE))
     from gateway.web import wado  # imported here: wado uses this module's keys and helpers
     wado.add_routes(app, settings)
+    from gateway.web import delete, stow  # here: both use this module's keys
+    stow.add_routes(app, settings)
+    delete.add_routes(app, settings)
     from gateway.web import rendered  # here: rendered resources and WADO-URI use this module's keys
     rendered.add_routes(app, settings)
