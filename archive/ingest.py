@@ -2,7 +2,10 @@
 
 Order of work, so that nothing acknowledged is lost and nothing half-stored is visible:
 1. parse and validate (no I/O); refuse with InvalidInstance;
-2. write the object durably under a key derived from its UIDs and digest;
+2. write the object durably (hashing it as it is written) under a key of its own (UIDs and a random
+   part): no two ingests ever write the same object, so deleting one the index no longer names (a
+   replaced version, a refused or unneeded copy) cannot remove what a concurrent ingest of the same
+   bytes just indexed;
 3. index it in one transaction (the duplicate policy is applied there, under a row lock);
 4. only then report success. A crash between 2 and 3 leaves an object that no index row names:
    `sweep_orphans` deletes such objects once they are older than the grace period.
@@ -10,9 +13,8 @@ Order of work, so that nothing acknowledged is lost and nothing half-stored is v
 
 from __future__ import annotations
 
-import asyncio
-import hashlib
 import logging
+import secrets
 import time
 from dataclasses import dataclass
 
@@ -32,13 +34,6 @@ log = logging.getLogger(__name__)
 class IngestResult:
     parsed: ParsedInstance
     outcome: str  # 'stored' | 'duplicate' | 'replaced'
-
-
-def _digest(parts: list[bytes]) -> str:
-    h = hashlib.sha256()
-    for p in parts:
-        h.update(p)
-    return "sha256:" + h.hexdigest()
 
 
 class Ingestor:
@@ -83,12 +78,10 @@ class Ingestor:
     async def _commit(self, parsed: ParsedInstance, parts: list[bytes], dataset_offset: int, *,
                       protocol: str, source: str) -> IngestResult:
         started = time.perf_counter()
-        loop = asyncio.get_running_loop()
         try:
-            digest = await loop.run_in_executor(None, _digest, parts)
             key = (f"{parsed.study_instance_uid}/{parsed.series_instance_uid}/"
-                   f"{parsed.sop_instance_uid}.{digest[7:23]}.dcm")
-            obj = await self.store.put(key, parts, digest=digest, timeout=self._store_timeout)
+                   f"{parsed.sop_instance_uid}.{secrets.token_hex(8)}.dcm")
+            obj = await self.store.put(key, parts, timeout=self._store_timeout)
             result = await self.index.store_instance(
                 parsed, obj, store=self.store.name, dataset_offset=dataset_offset, source=source,
                 policy=self.settings.duplicate_policy, timeout=self._db_timeout)
