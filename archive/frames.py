@@ -54,6 +54,10 @@ class MalformedPixelData(InternalError):
     """A stored data set whose pixel data does not add up (ingest validated its structure)."""
 
 
+class Truncated(MalformedPixelData):
+    """The bytes end inside an element: malformed for a whole object, "read more" for a prefix."""
+
+
 @dataclass(frozen=True, slots=True)
 class Element:
     """A top-level element as encoded: VR (None in implicit VR, unless known) and where its value is."""
@@ -104,13 +108,13 @@ class _Reader:
     def header(self, pos: int, explicit: bool) -> tuple[int, bytes | None, int, int]:
         """(tag, VR, length, value offset) of the element at pos (PS3.5 7.1.2, 7.1.3)."""
         if self.end - pos < 8:
-            raise MalformedPixelData("data set ends inside an element header")
+            raise Truncated("data set ends inside an element header")
         group, elem = struct.unpack_from(self.e + "HH", self.data, pos)
         if explicit and group != 0xFFFE:
             vr = self.data[pos + 4:pos + 6]
             if vr in _LONG_VRS:
                 if self.end - pos < 12:
-                    raise MalformedPixelData("data set ends inside an element header")
+                    raise Truncated("data set ends inside an element header")
                 return group << 16 | elem, vr, struct.unpack_from(self.e + "L", self.data, pos + 8)[0], pos + 12
             return group << 16 | elem, vr, struct.unpack_from(self.e + "H", self.data, pos + 6)[0], pos + 8
         return group << 16 | elem, None, struct.unpack_from(self.e + "L", self.data, pos + 4)[0], pos + 8
@@ -147,10 +151,15 @@ def _text(data: bytes, el: Element | None) -> str:
     return data[el.offset:el.offset + el.length].decode("ascii", "replace").split("\\")[0].strip("\0 ")
 
 
-def parse_layout(data: bytes, transfer_syntax_uid: str, *, offset: int = 0) -> DataSetLayout:
+def parse_layout(data: bytes, transfer_syntax_uid: str, *, offset: int = 0,
+                 stop_at_pixel_data: bool = False) -> DataSetLayout:
     """The top-level elements of the data set at `offset` in `data` (a PS3.10 file: where its File Meta
     Information ends), encoded in `transfer_syntax_uid`, and the image attributes (PS3.3 C.7.6.3)
-    that locate its frames. Element offsets are positions in `layout.data`."""
+    that locate its frames. Element offsets are positions in `layout.data`.
+
+    With `stop_at_pixel_data`, `data` may be a prefix of the object: parsing ends at the (7FE0,0010)
+    header, whose value need not be in `data`; `Truncated` says the prefix ends before that.
+    A deflated data set (PS3.5 A.5) must be whole."""
     ts = UID(transfer_syntax_uid)
     if not ts.is_transfer_syntax:
         raise MalformedPixelData(f"unknown transfer syntax {transfer_syntax_uid}")
@@ -170,14 +179,19 @@ def parse_layout(data: bytes, transfer_syntax_uid: str, *, offset: int = 0) -> D
                 vr_text = dictionary_VR(tag)
             except KeyError:
                 vr_text = None
+        if stop_at_pixel_data and tag == PIXEL_DATA:
+            elements[tag] = Element(tag, vr_text, value, None if length == _UNDEFINED else length)
+            break
         if length == _UNDEFINED:
             elements[tag] = Element(tag, vr_text or ("OB" if tag == PIXEL_DATA else "SQ"), value, None)
             pos = reader.skip_items(value, explicit and vr != b"UN")
             continue
         if value + length > reader.end:
-            raise MalformedPixelData(f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) runs past the data set")
+            raise Truncated(f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) runs past the data set")
         elements[tag] = Element(tag, vr_text, value, length)
         pos = value + length
+    if stop_at_pixel_data and PIXEL_DATA not in elements:
+        raise Truncated("the prefix ends before the pixel data")
     e = reader.e
     frames_text = _text(data, elements.get(_NUMBER_OF_FRAMES))
     try:
@@ -204,18 +218,27 @@ def _swapped(value: bytes, width: int) -> bytes:
     return struct.pack(f"<{count}{fmt}", *struct.unpack(f">{count}{fmt}", value))
 
 
+def swap_width(layout: DataSetLayout, el: Element) -> int:
+    """The width of the words to reverse to send this value little endian (0: none)."""
+    if layout.little_endian:
+        return 0
+    if el.tag == PIXEL_DATA:
+        return layout.bits_allocated // 8 if layout.bits_allocated > 8 and el.vr == "OW" else 0
+    return _SWAP_WIDTH.get(el.vr or "", 0)
+
+
+def little_endian_value(raw: bytes, width: int) -> bytes:
+    """A value (or a word-aligned piece of it) as read, little endian."""
+    return _swapped(raw, width) if width else raw
+
+
 def element_value(layout: DataSetLayout, tag: int) -> bytes | None:
     """The value of a top-level element of defined length, little endian (PS3.18 8.7.3.3.2: bulk data
     as application/octet-stream is sent in Explicit VR Little Endian); None if absent or encapsulated."""
     el = layout.elements.get(tag)
     if el is None or el.length is None:
         return None
-    value = layout.data[el.offset:el.offset + el.length]
-    if not layout.little_endian:
-        width = (layout.bits_allocated // 8 if layout.bits_allocated > 8 and el.vr == "OW" else 0) \
-            if tag == PIXEL_DATA else _SWAP_WIDTH.get(el.vr or "", 0)
-        value = _swapped(value, width)
-    return value
+    return little_endian_value(layout.data[el.offset:el.offset + el.length], swap_width(layout, el))
 
 
 def _check_index(layout: DataSetLayout, index: int) -> None:
@@ -226,8 +249,19 @@ def _check_index(layout: DataSetLayout, index: int) -> None:
                             f"frame{'s' if layout.number_of_frames != 1 else ''}")
 
 
-def native_frame(layout: DataSetLayout, index: int) -> bytes:
-    """Frame `index` (0-based) of native pixel data, little endian."""
+@dataclass(frozen=True, slots=True)
+class FrameSpan:
+    """Where a native frame's bytes are in the stored object, and how to turn them into the frame."""
+
+    offset: int       # of the first byte holding the frame
+    length: int       # bytes to read
+    bit_offset: int   # Bits Allocated 1: the frame starts this many bits into the first byte
+    bits: int
+    swap: int         # big endian words of this width to reverse (0: none)
+
+
+def native_frame_span(layout: DataSetLayout, index: int) -> FrameSpan:
+    """Where frame `index` (0-based) of native pixel data lies (PS3.5 8.1.1, 8.2)."""
     _check_index(layout, index)
     pixel = layout.elements[PIXEL_DATA]
     if pixel.length is None:
@@ -238,16 +272,27 @@ def native_frame(layout: DataSetLayout, index: int) -> bytes:
     start_bit, end_bit = index * bits, (index + 1) * bits
     if end_bit > pixel.length * 8:
         raise MalformedPixelData(f"pixel data holds {pixel.length} bytes, too few for frame {index + 1}")
-    if start_bit % 8 == 0 and end_bit % 8 == 0:
-        frame = layout.data[pixel.offset + start_bit // 8:pixel.offset + end_bit // 8]
-        if not layout.little_endian and pixel.vr == "OW" and layout.bits_allocated > 8:
-            frame = _swapped(frame, layout.bits_allocated // 8)
-        return frame
-    # Bits Allocated 1 (PS3.5 8.1.1): frames follow each other bit by bit, least significant bit first
+    swap = layout.bits_allocated // 8 if (not layout.little_endian and pixel.vr == "OW"
+                                         and layout.bits_allocated > 8) else 0
     first, last = pixel.offset + start_bit // 8, pixel.offset + (end_bit + 7) // 8
-    as_int = int.from_bytes(layout.data[first:last], "little") >> (start_bit % 8)
-    as_int &= (1 << bits) - 1
-    return as_int.to_bytes((bits + 7) // 8, "little")
+    return FrameSpan(first, last - first, start_bit % 8, bits, swap)
+
+
+def frame_from_span(raw: bytes, span: FrameSpan) -> bytes:
+    """The frame, little endian, from the `span.length` bytes read at `span.offset`."""
+    if len(raw) != span.length:
+        raise MalformedPixelData(f"the object ends inside the pixel data ({len(raw)} of {span.length} bytes)")
+    if span.bit_offset == 0 and span.bits % 8 == 0:
+        return _swapped(raw, span.swap) if span.swap else raw
+    # Bits Allocated 1 (PS3.5 8.1.1): frames follow each other bit by bit, least significant bit first
+    as_int = (int.from_bytes(raw, "little") >> span.bit_offset) & ((1 << span.bits) - 1)
+    return as_int.to_bytes((span.bits + 7) // 8, "little")
+
+
+def native_frame(layout: DataSetLayout, index: int) -> bytes:
+    """Frame `index` (0-based) of native pixel data, little endian, from a layout of the whole object."""
+    span = native_frame_span(layout, index)
+    return frame_from_span(layout.data[span.offset:span.offset + span.length], span)
 
 
 def _fragments(layout: DataSetLayout) -> tuple[list[int], list[tuple[int, int, int]]]:

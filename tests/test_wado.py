@@ -28,7 +28,9 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE, _config as pynetdicom_config
 
 from archive.instance import split_part10
+from archive.objectstore import FileSystemStore
 from gateway.runtime import Runtime
+from gateway.web import wado
 
 ELE = "1.2.840.10008.1.2.1"
 J2K_LOSSLESS = "1.2.840.10008.1.2.4.90"
@@ -66,13 +68,12 @@ class Sample:
     frames: int
 
 
-@pytest.fixture(scope="module")
-def samples(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Sample]:
-    out_dir = tmp_path_factory.mktemp("wado")
+def _prepare(out_dir: Path, samples: list[tuple[str, str, int]]) -> dict[str, Sample]:
+    """Copies of pydicom's files in one new study, one series per key, with new SOP Instance UIDs."""
     study = generate_uid()
-    series = {key: generate_uid() for key in ("native", "multiframe", "compressed")}
+    series = {key: generate_uid() for _, key, _ in samples}
     out = {}
-    for name, key, number in SAMPLES:
+    for name, key, number in samples:
         ds = pydicom.dcmread(get_testdata_file(name))
         sop = generate_uid()
         ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = study, series[key], sop
@@ -93,6 +94,11 @@ def samples(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Sample]:
     return out
 
 
+@pytest.fixture(scope="module")
+def samples(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Sample]:
+    return _prepare(tmp_path_factory.mktemp("wado"), SAMPLES)
+
+
 def _send(port: int, files: list[Sample]) -> None:
     """C-STORE each file's data set bytes unchanged (PS3.4 B.2), in its own transfer syntax."""
     ae = AE(ae_title="WADOTEST")
@@ -111,6 +117,7 @@ def _send(port: int, files: list[Sample]) -> None:
 
 async def _loaded(rt: Runtime, samples: dict[str, Sample], monkeypatch: pytest.MonkeyPatch,
                   names: list[str] | None = None) -> str:
+    """Store the samples (or those named) in `rt`; return its DICOMweb root."""
     monkeypatch.setattr(pynetdicom_config, "STORE_SEND_CHUNKED_DATASET", True)
     files = [samples[n] for n in names] if names else list(samples.values())
     await asyncio.to_thread(_send, rt.ports.dicom, files)
@@ -409,9 +416,10 @@ async def test_bulk_data_ranges(url: str, samples: dict[str, Sample]) -> None:
 
     status, headers, body = await _get(bulk, "application/octet-stream")
     assert status == 200 and body == value
-    status, headers, body = await _get(bulk, "application/octet-stream", Range="bytes=100-1099")
-    assert status == 206 and body == value[100:1100]
-    assert headers["Content-Range"] == f"bytes 100-1099/{len(value)}"
+    # big endian words straddle the range's ends: the bytes are those of the little endian value
+    status, headers, body = await _get(bulk, "application/octet-stream", Range="bytes=101-1098")
+    assert status == 206 and body == value[101:1099]
+    assert headers["Content-Range"] == f"bytes 101-1098/{len(value)}"
     status, headers, body = await _get(bulk, "application/octet-stream", Range="bytes=-10")
     assert status == 206 and body == value[-10:]
     status, headers, body = await _get(bulk, 'multipart/related; type="application/octet-stream"',
@@ -432,3 +440,71 @@ async def test_bulk_data_ranges(url: str, samples: dict[str, Sample]) -> None:
     assert status == 400
     status, _, _ = await _get(bulk, "image/jpeg")
     assert status == 406
+
+
+# -- instances without pixel data, bulk data inside sequences, implicit VR multi-frame ---------------
+
+async def test_other_instances(vna: Runtime, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    others = _prepare(tmp_path, [("waveform_ecg.dcm", "ecg", 1), ("rtdose.dcm", "dose", 1)])
+    url = await _loaded(vna, others, monkeypatch)
+    client = _client(url)
+    ecg, dose = others["waveform_ecg.dcm"], others["rtdose.dcm"]
+
+    # PS3.18 F.2.6: a bulk value inside a sequence item has its own BulkDataURI, and it resolves
+    meta = await asyncio.to_thread(client.retrieve_instance_metadata, ecg.study, ecg.series, ecg.sop)
+    item = meta["54000100"]["Value"][0]
+    uri = item["54001010"]["BulkDataURI"]
+    assert uri.startswith(_instance_url(url, ecg) + "/bulk/")
+    assert await asyncio.to_thread(client.retrieve_bulkdata, uri) == [ecg.ds.WaveformSequence[0].WaveformData]
+    # PS3.18 10.4.1.1.3: frames of an instance without pixel data cannot be had
+    status, _, body = await _get(f"{_instance_url(url, ecg)}/frames/1", 'multipart/related; type="*/*"')
+    assert status == 400 and b"no pixel data" in body
+    status, _, _ = await _get(f"{_instance_url(url, ecg)}/bulk/7FE00010", 'multipart/related; type="*/*"')
+    assert status == 404
+    d = await asyncio.to_thread(client.retrieve_instance, ecg.study, ecg.series, ecg.sop,
+                                media_types=(("application/dicom", "*"),))
+    assert d == ecg.ds
+
+    # Implicit VR Little Endian, 15 frames of 32 bits: frames are slices of the stored value
+    frames = await asyncio.to_thread(client.retrieve_instance_frames, dose.study, dose.series, dose.sop,
+                                     list(range(1, 16)))
+    assert frames == _native_frames(dose)
+    d = await asyncio.to_thread(client.retrieve_instance, dose.study, dose.series, dose.sop,
+                                media_types=(("application/dicom", ELE),))
+    assert d.file_meta.TransferSyntaxUID == ELE and np.array_equal(d.pixel_array, dose.ds.pixel_array)
+
+
+async def test_large_header_and_frames_read_alone(vna: Runtime, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A multi-frame instance whose elements before the pixel data outgrow the first reads: native
+    frames and ranges of the pixel data are then read alone, never the whole object."""
+    monkeypatch.setattr(wado, "HEADER_READ", 4096)
+    whole_reads = []
+    original_get = FileSystemStore.get
+
+    async def counting_get(self: FileSystemStore, location: str, **kwargs: Any) -> bytes:
+        whole_reads.append(location)
+        return await original_get(self, location, **kwargs)
+
+    monkeypatch.setattr(FileSystemStore, "get", counting_get)
+    others = _prepare(tmp_path, [("emri_small.dcm", "mf", 1)])
+    s = others["emri_small.dcm"]
+    ds = pydicom.dcmread(s.path)
+    private = bytes(range(251)) * 120  # 30120 bytes of private bulk data before the pixel data
+    ds.private_block(0x0009, "VNA WADO TEST", create=True).add_new(0x01, "OB", private)
+    ds.save_as(s.path, enforce_file_format=True)
+    data = s.path.read_bytes()
+    s = Sample(s.name, s.path, data, data[split_part10(data)[1]:], pydicom.dcmread(s.path), s.study, s.series,
+               s.sop, s.ts, s.frames)
+    url = await _loaded(vna, {s.name: s}, monkeypatch)
+    client = _client(url)
+    frames = await asyncio.to_thread(client.retrieve_instance_frames, s.study, s.series, s.sop, [10, 1, 5])
+    expected = _native_frames(s)
+    assert frames == [expected[9], expected[0], expected[4]]
+    status, _, body = await _get(f"{_instance_url(url, s)}/bulk/00091001", "application/octet-stream")
+    assert status == 200 and body == private
+    value = b"".join(expected)
+    status, _, body = await _get(f"{_instance_url(url, s)}/bulk/7FE00010", "application/octet-stream",
+                                 Range="bytes=40001-50000")
+    assert status == 206 and body == value[40001:50001]
+    assert whole_reads == []

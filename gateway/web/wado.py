@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from aiohttp import web
+from pydicom.uid import UID
 
 from archive import frames as px
 from archive.errors import InternalError, MisuseError, RemoteError
@@ -36,6 +37,8 @@ log = logging.getLogger(__name__)
 
 POOL_KEY = web.AppKey("wado_pool", ThreadPoolExecutor)
 STORE_TIMEOUT = 60.0
+# the first read of an object for its header; grown fourfold while the pixel data is not reached
+HEADER_READ = 64 * 1024
 
 ELE, ILE = px.EXPLICIT_VR_LITTLE_ENDIAN, px.IMPLICIT_VR_LITTLE_ENDIAN
 DICOM, OCTET = "application/dicom", "application/octet-stream"
@@ -84,6 +87,8 @@ async def _guarded(awaitable: Awaitable[T]) -> T:
         raise not_found(str(exc)) from exc
     except px.NotProducible as exc:
         raise not_acceptable(str(exc)) from exc
+    except px.Truncated:
+        raise  # a prefix read too short: the caller reads more
     except RemoteError as exc:
         raise web.HTTPServiceUnavailable(reason="archive unavailable", text=str(exc) + "\n") from exc
     except (InternalError, MisuseError) as exc:
@@ -116,6 +121,73 @@ async def _locate(request: web.Request) -> list[LocatedInstance]:
 async def _read(request: web.Request, inst: LocatedInstance) -> bytes:
     store = request.app[SERVICES_KEY].store
     return await _guarded(store.get(inst.location, timeout=STORE_TIMEOUT))
+
+
+async def _read_range(request: web.Request, inst: LocatedInstance, offset: int, length: int) -> bytes:
+    """`length` bytes of the object from `offset` (fewer at its end), without reading the rest."""
+    store = request.app[SERVICES_KEY].store
+
+    async def read() -> bytes:
+        out = bytearray()
+        chunks = store.stream(inst.location, offset=offset, chunk_size=max(4096, min(length, 8 << 20)))
+        try:
+            async for chunk in chunks:
+                out += chunk
+                if len(out) >= length:
+                    break
+        finally:
+            await chunks.aclose()  # type: ignore[attr-defined]
+        return bytes(out[:length])
+
+    return await _guarded(asyncio.wait_for(read(), STORE_TIMEOUT))
+
+
+@dataclass(slots=True)
+class _Object:
+    """One stored instance as far as it has been read: its layout, and its bytes once read whole."""
+
+    inst: LocatedInstance
+    layout: px.DataSetLayout
+    data: bytes | None  # the whole PS3.10 file, when it was read whole
+
+
+async def _parse(request: web.Request, data: bytes, inst: LocatedInstance, *, prefix: bool) -> px.DataSetLayout:
+    return await _in_pool(request, lambda: px.parse_layout(data, inst.transfer_syntax_uid,
+                                                           offset=inst.dataset_offset, stop_at_pixel_data=prefix))
+
+
+async def _open(request: web.Request, inst: LocatedInstance) -> _Object:
+    """The elements up to the pixel data, reading no more of the object than they take (a frame of a
+    large multi-frame object is then read alone: PS3.5 8.2 gives its position)."""
+    size = HEADER_READ
+    while size < inst.size and not UID(inst.transfer_syntax_uid).is_deflated:
+        prefix = await _read_range(request, inst, 0, size)
+        try:
+            return _Object(inst, await _guarded(_parse(request, prefix, inst, prefix=True)), None)
+        except px.Truncated:
+            size *= 4
+    return await _read_whole(request, inst)
+
+
+async def _read_whole(request: web.Request, inst: LocatedInstance) -> _Object:
+    data = await _read(request, inst)
+    try:
+        return _Object(inst, await _guarded(_parse(request, data, inst, prefix=False)), data)
+    except px.Truncated as exc:
+        log.error("WADO-RS: stored object of %s is truncated: %s", inst.sop_instance_uid, exc)
+        raise web.HTTPInternalServerError(reason="the stored object is truncated") from exc
+
+
+async def _whole(request: web.Request, obj: _Object) -> _Object:
+    """The same object, read and parsed whole (encapsulated frames, decoding, values past the pixel data)."""
+    return obj if obj.data is not None else await _read_whole(request, obj.inst)
+
+
+async def _piece(request: web.Request, obj: _Object, offset: int, length: int) -> bytes:
+    """Bytes of the object at a layout offset: from what was read, else read now."""
+    if offset + length <= len(obj.layout.data):
+        return obj.layout.data[offset:offset + length]
+    return await _read_range(request, obj.inst, offset, length)
 
 
 # -- Retrieve study / series / instance (PS3.18 10.4.1.1.1) -----------------------------------------
@@ -307,13 +379,6 @@ def _pixel_response(choice: _PixelChoice, parts: list[bytes]) -> web.Response:
     return web.Response(body=b"".join(chunks), headers={"Content-Type": writer.content_type})
 
 
-async def _layout(request: web.Request, inst: LocatedInstance) -> tuple[bytes, px.DataSetLayout]:
-    data = await _read(request, inst)
-    layout = await _guarded(_in_pool(request, lambda: px.parse_layout(data, inst.transfer_syntax_uid,
-                                                                       offset=inst.dataset_offset)))
-    return data, layout
-
-
 def _no_pixel_media(inst: LocatedInstance) -> web.HTTPNotAcceptable:
     media = FRAME_MEDIA_TYPES.get(inst.transfer_syntax_uid, OCTET)
     return not_acceptable(f"the pixel data is stored in {inst.transfer_syntax_uid}: it is sent as {media} or "
@@ -321,31 +386,45 @@ def _no_pixel_media(inst: LocatedInstance) -> web.HTTPNotAcceptable:
                           f"{ELE} decoded)")
 
 
-async def _pixel_parts(request: web.Request, inst: LocatedInstance, data: bytes, layout: px.DataSetLayout,
-                       indices: list[int]) -> web.Response:
-    choice = choose_pixel_media(request.headers.get("Accept"), inst.transfer_syntax_uid, layout.encapsulated,
+async def _pixel_parts(request: web.Request, obj: _Object, indices: list[int]) -> web.Response:
+    inst = obj.inst
+    choice = choose_pixel_media(request.headers.get("Accept"), inst.transfer_syntax_uid, obj.layout.encapsulated,
                                 len(indices))
     if choice is None:
         raise _no_pixel_media(inst)
-    if choice.decode:
-        parts = await _guarded(_in_pool(request, px.decoded_frames, data, indices))
+    if choice.decode or obj.layout.encapsulated:
+        obj = await _whole(request, obj)
+        if choice.decode:
+            parts = await _guarded(_in_pool(request, px.decoded_frames, obj.data, indices))
+        else:
+            parts = await _guarded(_in_pool(request, px.encapsulated_frames, obj.layout, indices))
     else:
-        parts = await _guarded(_in_pool(request, px.frames, layout, indices))
+        parts = []
+        for index in indices:
+            span = await _guarded(_sync(px.native_frame_span, obj.layout, index))
+            raw = await _piece(request, obj, span.offset, span.length)
+            parts.append(await _guarded(_sync(px.frame_from_span, raw, span)))
     return _pixel_response(choice, parts)
+
+
+async def _sync(fn: Callable[..., T], *args: Any) -> T:
+    """A cheap pure call, with its archive errors translated like the others'."""
+    return fn(*args)
 
 
 async def retrieve_frames(request: web.Request) -> web.Response:
     """GET .../instances/{sop}/frames/{list} (PS3.18 10.4.1.1.3)."""
     numbers = _frame_numbers(request.match_info["frames"])
     inst = (await _locate(request))[0]
-    data, layout = await _layout(request, inst)
+    obj = await _open(request, inst)
+    layout = obj.layout
     if not layout.has_pixel_data:
         raise bad_request(f"instance {inst.sop_instance_uid} has no pixel data, hence no frames")
     missing = [n for n in numbers if n > layout.number_of_frames]
     if missing:
         raise not_found(f"frame {missing[0]} does not exist: the instance has {layout.number_of_frames} "
                         f"frame{'s' if layout.number_of_frames != 1 else ''}")
-    return await _pixel_parts(request, inst, data, layout, [n - 1 for n in numbers])
+    return await _pixel_parts(request, obj, [n - 1 for n in numbers])
 
 
 # -- Bulk data (PS3.18 10.4.1.1.5) ------------------------------------------------------------------
@@ -405,25 +484,37 @@ async def retrieve_bulk(request: web.Request) -> web.Response:
         raise bad_request(f"{tag_text!r} is not a tag (8 hexadecimal digits)")
     tag = int(tag_text, 16)
     inst = (await _locate(request))[0]
-    data, layout = await _layout(request, inst)
-    if tag == px.PIXEL_DATA and layout.encapsulated:
-        # the pixel data's frames, one part each, as the frames resource sends them
-        return await _pixel_parts(request, inst, data, layout, list(range(layout.number_of_frames)))
-    value = px.element_value(layout, tag)
-    if value is None:
-        value = await _guarded(_in_pool(request, px.nested_element_value, data, tag))
-    if value is None:
-        raise not_found(f"instance {inst.sop_instance_uid} has no bulk data ({tag_text.upper()})")
+    obj = await _open(request, inst)
+    el = obj.layout.elements.get(tag)
+    if el is None or (tag != px.PIXEL_DATA and el.length is not None
+                      and el.offset + el.length > len(obj.layout.data)):
+        # not before the pixel data: after it, or inside a sequence item
+        obj = await _whole(request, obj)
+        el = obj.layout.elements.get(tag)
+    if el is not None and el.tag == px.PIXEL_DATA and el.length is None:
+        # encapsulated pixel data: its frames, one part each, as the frames resource sends them
+        return await _pixel_parts(request, obj, list(range(obj.layout.number_of_frames)))
     multipart = _octet_choice(request.headers.get("Accept"))
     if multipart is None:
         raise not_acceptable(f"bulk data is sent as {OCTET} (transfer-syntax {ELE})")
+    nested: bytes | None = None
+    if el is None or el.length is None:
+        obj = await _whole(request, obj)
+        nested = await _guarded(_in_pool(request, px.nested_element_value, obj.data, tag))
+        if nested is None:
+            raise not_found(f"instance {inst.sop_instance_uid} has no bulk data ({tag_text.upper()})")
+    size = len(nested) if nested is not None else el.length  # type: ignore[union-attr]
+    span = _byte_range(request.headers.get("Range"), size)
+    first, last = span if span is not None else (0, size - 1)
+    if nested is not None:
+        value = nested[first:last + 1]
+    else:
+        value = await _value_piece(request, obj, el, first, last + 1 - first)  # type: ignore[arg-type]
     part_type = f"{OCTET}; transfer-syntax={ELE}"
-    span = _byte_range(request.headers.get("Range"), len(value))
     status, part_headers = 200, []
     if span is not None:
         status = 206
-        part_headers = [("Content-Range", f"bytes {span[0]}-{span[1]}/{len(value)}")]
-        value = value[span[0]:span[1] + 1]
+        part_headers = [("Content-Range", f"bytes {first}-{last}/{size}")]
     if not multipart:
         return web.Response(status=status, body=value,
                             headers={"Content-Type": part_type, "Accept-Ranges": "bytes", **dict(part_headers)})
@@ -431,6 +522,18 @@ async def retrieve_bulk(request: web.Request) -> web.Response:
     body = writer.part_header(part_type, part_headers) + value + writer.close()
     return web.Response(status=status, body=body, headers={"Content-Type": writer.content_type,
                                                             "Accept-Ranges": "bytes"})
+
+
+async def _value_piece(request: web.Request, obj: _Object, el: px.Element, start: int, length: int) -> bytes:
+    """Bytes [start, start + length) of a value, little endian, reading only the words they span."""
+    width = px.swap_width(obj.layout, el)
+    aligned = start - start % width if width else start
+    end = start + length
+    if width and end % width:
+        end += width - end % width
+    end = min(end, el.length or 0)
+    raw = await _piece(request, obj, el.offset + aligned, end - aligned)
+    return px.little_endian_value(raw, width)[start - aligned:start - aligned + length]
 
 
 # -- wiring -------------------------------------------------------------------------------------------
