@@ -422,6 +422,28 @@ async def test_transfer_syntax_not_supported_is_result_4(vna):
     writer.close()
 
 
+async def test_c_store_outside_its_negotiated_sop_class_is_refused(vna, database_url):
+    """A C-STORE belongs to the SOP class its presentation context was negotiated for (PS3.8 9.3.2.2,
+    PS3.7 9.1.1.1); a made-up SOP class, or an image on the Verification context, is not stored:
+    0122H "Refused: SOP Class Not Supported" (PS3.7 Annex C)."""
+    made_up = "1.2.826.0.1.3680043.9.9999.1.2.3"
+    scu = await RawSCU.connect(vna.ports.dicom)
+    ds = make_ct(SOPClassUID=made_up)
+    rsp = await scu.store(3, made_up, ds.SOPInstanceUID, encoded(ds))  # on the CT Image Storage context
+    assert rsp["Status"] == 0x0122, hex(rsp["Status"])
+    ds = make_ct()
+    rsp = await scu.store(1, CT_IMAGE, ds.SOPInstanceUID, encoded(ds, IMPLICIT))  # on the Verification context
+    assert rsp["Status"] == 0x0122, hex(rsp["Status"])
+    ds = make_ct(SOPClassUID=MR_IMAGE)
+    rsp = await scu.store(3, MR_IMAGE, ds.SOPInstanceUID, encoded(ds))  # MR on the CT context
+    assert rsp["Status"] == 0x0122, hex(rsp["Status"])
+    ds = make_ct(SOPClassUID=MR_IMAGE)
+    rsp = await scu.store(5, MR_IMAGE, ds.SOPInstanceUID, encoded(ds))  # MR on the MR context: fine
+    assert rsp["Status"] == 0x0000
+    await scu.release()
+    assert await instance_count(database_url) == 1
+
+
 # -- invalid instances -------------------------------------------------------------------------------
 
 INVALID_UIDS = {
