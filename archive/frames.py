@@ -43,7 +43,7 @@ _SWAP_WIDTH = {"OW": 2, "US": 2, "SS": 2, "AT": 2, "OL": 4, "OF": 4, "UL": 4, "S
 
 
 class FrameNotFound(MisuseError):
-    """A frame number the instance does not have (PS3.18 8.7... the request names a missing frame)."""
+    """A frame number the instance does not have."""
 
 
 class NotProducible(MisuseError):
@@ -233,8 +233,8 @@ def little_endian_value(raw: bytes, width: int) -> bytes:
 
 
 def element_value(layout: DataSetLayout, tag: int) -> bytes | None:
-    """The value of a top-level element of defined length, little endian (PS3.18 8.7.3.3.2: bulk data
-    as application/octet-stream is sent in Explicit VR Little Endian); None if absent or encapsulated."""
+    """The value of a top-level element of defined length, little endian (PS3.18 8.7.3.3.1: uncompressed
+    bulk data is sent in little endian byte order); None if absent or encapsulated."""
     el = layout.elements.get(tag)
     if el is None or el.length is None:
         return None
@@ -320,7 +320,8 @@ def _fragments(layout: DataSetLayout) -> tuple[list[int], list[tuple[int, int, i
 def encapsulated_frame_spans(layout: DataSetLayout) -> list[list[tuple[int, int]]]:
     """For every frame, the (offset, length) in `layout.data` of each of its fragments' values."""
     bot, fragments = _fragments(layout)
-    eot, eot_lengths = element_value(layout, _EXTENDED_OFFSET_TABLE), element_value(layout, _EXTENDED_OFFSET_TABLE_LENGTHS)
+    eot = element_value(layout, _EXTENDED_OFFSET_TABLE)
+    eot_lengths = element_value(layout, _EXTENDED_OFFSET_TABLE_LENGTHS)
     if eot and eot_lengths and len(eot) == len(eot_lengths) and len(eot) % 8 == 0:
         by_item = {item: value for item, value, _ in fragments}
         offsets = struct.unpack(f"<{len(eot) // 8}Q", eot)
@@ -401,8 +402,8 @@ def _read_part10(part10: bytes):  # type: ignore[no-untyped-def]
 
 
 def decoded_frames(part10: bytes, indices: list[int]) -> list[bytes]:
-    """Frames `indices` (0-based) decoded to native little endian bytes (color as RGB, PS3.18 8.7.3.3.2:
-    application/octet-stream frames default to Explicit VR Little Endian)."""
+    """Frames `indices` (0-based) decoded to native little endian bytes, color as RGB (PS3.18 8.7.3.3:
+    application/octet-stream without a transfer-syntax parameter is Explicit VR Little Endian)."""
     from pydicom.pixels import pack_bits, pixel_array
     ds = _read_part10(part10)
     ts = ds.file_meta.TransferSyntaxUID

@@ -25,7 +25,8 @@ from dicomweb_client.api import DICOMwebClient
 from pydicom.data import get_testdata_file
 from pydicom.encaps import generate_frames
 from pydicom.uid import generate_uid
-from pynetdicom import AE, _config as pynetdicom_config
+from pynetdicom import AE
+from pynetdicom import _config as pynetdicom_config
 
 from archive.instance import split_part10
 from archive.objectstore import FileSystemStore
@@ -218,7 +219,7 @@ async def test_retrieve_as_stored_is_byte_identical(url: str, samples: dict[str,
     series = await asyncio.to_thread(client.retrieve_series, s.study, s.series)
     compressed = [x for x in samples.values() if x.series == s.series]
     assert [d.file_meta.TransferSyntaxUID for d in series] == [x.ts for x in compressed]
-    # PS3.18 8.7.3.1: a single instance may be asked for as a single-part application/dicom body
+    # PS3.18 10.4.4: an Instance Resource may be asked for as a single part application/dicom body
     s = samples["SC_rgb_jpeg_dcmtk.dcm"]
     status, headers, body = await _get(_instance_url(url, s), "application/dicom; transfer-syntax=*")
     assert status == 200 and headers["Content-Type"].startswith("application/dicom")
@@ -266,7 +267,7 @@ async def test_retrieve_not_acceptable_and_not_found(url: str, samples: dict[str
     status, _, _ = await _get(_instance_url(url, s), "application/dicom+json")
     assert status == 406
     status, _, _ = await _get(f"{url}/studies/{s.study}", "application/dicom")
-    assert status == 406  # single part only for one instance
+    assert status == 406  # PS3.18 10.4.4: single part only for an Instance Resource
     # PS3.18 10.4.1.1.1: nothing matches: 404 (a series under another study does not match)
     accept = 'multipart/related; type="application/dicom"'
     for path in (f"/studies/{generate_uid()}", f"/studies/{s.study}/series/{generate_uid()}",
@@ -339,8 +340,8 @@ async def test_frames_with_dicomweb_client(url: str, samples: dict[str, Sample])
         expected = _encapsulated_frames(s) if s.ds.file_meta.TransferSyntaxUID.is_encapsulated \
             else _native_frames(s)
         assert got == expected, s.name
-        # application/octet-stream without transfer-syntax=*: Explicit VR Little Endian, decoded
-        # (PS3.18 8.7.3.3.2); color as RGB, as pydicom decodes it
+        # application/octet-stream without transfer-syntax: Explicit VR Little Endian, decoded
+        # (PS3.18 8.7.3.3); color as RGB, as pydicom decodes it
         got = await asyncio.to_thread(client.retrieve_instance_frames, s.study, s.series, s.sop, numbers,
                                       media_types=("application/octet-stream",))
         assert got == _native_frames(s), s.name
@@ -386,7 +387,8 @@ async def test_frames_media_types(url: str, samples: dict[str, Sample]) -> None:
     assert status == 200 and body == _native_frames(s)[6]
     # the older RLE media type name is accepted and echoed
     r = samples["emri_small_RLE.dcm"]
-    status, headers, body = await _get(f"{_instance_url(url, r)}/frames/4", 'multipart/related; type="image/x-dicom-rle"')
+    status, headers, body = await _get(f"{_instance_url(url, r)}/frames/4",
+                                       'multipart/related; type="image/x-dicom-rle"')
     assert status == 200
     [(part_headers, content)] = parse_multipart(headers["Content-Type"], body)
     assert part_headers["content-type"].startswith("image/x-dicom-rle") and content == _encapsulated_frames(r)[3]
@@ -411,7 +413,7 @@ async def test_frames_media_types(url: str, samples: dict[str, Sample]) -> None:
 
 async def test_bulk_data_ranges(url: str, samples: dict[str, Sample]) -> None:
     s = samples["MR_small_bigendian.dcm"]
-    value = b"".join(_native_frames(s))  # PS3.18 8.7.3.3.2: octet-stream bulk data is little endian
+    value = b"".join(_native_frames(s))  # PS3.18 8.7.3.3.1: uncompressed bulk data is little endian
     bulk = f"{_instance_url(url, s)}/bulk/7FE00010"
 
     status, headers, body = await _get(bulk, "application/octet-stream")
@@ -426,7 +428,9 @@ async def test_bulk_data_ranges(url: str, samples: dict[str, Sample]) -> None:
                                        Range=f"bytes={len(value) - 5}-")
     assert status == 206
     [(part_headers, content)] = parse_multipart(headers["Content-Type"], body)
-    assert content == value[-5:] and part_headers["content-range"] == f"bytes {len(value) - 5}-{len(value) - 1}/{len(value)}"
+    assert content == value[-5:]
+    assert part_headers["content-range"] == f"bytes {len(value) - 5}-{len(value) - 1}/{len(value)}"
+    assert part_headers["content-location"] == bulk
     status, headers, _ = await _get(bulk, "application/octet-stream", Range=f"bytes={len(value)}-")
     assert status == 416 and headers["Content-Range"] == f"bytes */{len(value)}"
     # dicomweb-client's byte_range

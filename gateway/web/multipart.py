@@ -27,7 +27,7 @@ class MultipartRelated:
 
     @property
     def content_type(self) -> str:
-        """The Content-Type header of the whole message (PS3.18 8.7.3.1: the `type` parameter is quoted)."""
+        """The Content-Type header of the whole message (RFC 2387 3.1 `type`; quoted: it holds a '/')."""
         return f'multipart/related; type="{self.part_type}"; boundary={self.boundary}'
 
     def part_header(self, content_type: str, headers: Iterable[tuple[str, str]] = ()) -> bytes:

@@ -27,9 +27,14 @@ from aiohttp import web
 from pydicom.uid import UID
 
 from archive import frames as px
-from archive.errors import InternalError, MisuseError, RemoteError
+from archive.errors import InternalError, MisuseError, RemoteError, StorageError
 from archive.index import LocatedInstance
-from gateway.web.dicomweb import DB_TIMEOUT, SERVICES_KEY, SETTINGS_KEY, bad_request, base_url
+from gateway.web.dicomweb import (
+    DB_TIMEOUT,
+    SERVICES_KEY,
+    bad_request,
+    base_url,
+)
 from gateway.web.media import MediaRange, parse_accept
 from gateway.web.multipart import MultipartRelated
 
@@ -139,7 +144,13 @@ async def _read_range(request: web.Request, inst: LocatedInstance, offset: int, 
             await chunks.aclose()  # type: ignore[attr-defined]
         return bytes(out[:length])
 
-    return await _guarded(asyncio.wait_for(read(), STORE_TIMEOUT))
+    async def read_in_time() -> bytes:
+        try:
+            return await asyncio.wait_for(read(), STORE_TIMEOUT)
+        except TimeoutError as exc:
+            raise StorageError(f"object store: no answer within {STORE_TIMEOUT}s") from exc
+
+    return await _guarded(read_in_time())
 
 
 @dataclass(slots=True)
@@ -207,7 +218,7 @@ def _dicom_ranges(header: str | None, single_allowed: bool) -> list[_DicomRange]
             if r.params.get("type", DICOM) in (DICOM, "*/*", "application/*"):
                 out.append(_DicomRange(True, ts))
         elif r.type == DICOM:
-            # PS3.18 8.7.3.1: a single-part answer only when the target is one instance
+            # PS3.18 10.4.4: single part application/dicom only for an Instance Resource
             if single_allowed:
                 out.append(_DicomRange(False, ts))
         elif r.type in ("*/*", "multipart/*"):
@@ -322,12 +333,12 @@ def _inner_type(r: MediaRange, count: int) -> tuple[str, bool] | None:
     if r.type in ("*/*", "multipart/*"):
         return "*/*", True
     if count != 1:
-        return None  # PS3.18 8.7.3.1: a single-part answer carries one frame
+        return None  # PS3.18 10.4.4: a single part media type only for a single response item
     return _MEDIA_ALIASES.get(r.type, r.type), False
 
 
 def choose_pixel_media(header: str | None, stored: str, encapsulated: bool, count: int) -> _PixelChoice | None:
-    """How to send `count` frames stored in `stored`, given an Accept header (PS3.18 8.7.3.3, 8.7.4)."""
+    """How to send `count` frames stored in `stored`, given an Accept header (PS3.18 8.7.3.3, Table 8.7.3-5)."""
     native_ok = stored in _NATIVE_LE or stored == px.EXPLICIT_VR_BIG_ENDIAN
     for r in parse_accept(header):
         inner = _inner_type(r, count)
@@ -346,7 +357,7 @@ def choose_pixel_media(header: str | None, stored: str, encapsulated: bool, coun
             if wanted.matches(OCTET):
                 if ts in ("*", stored):
                     return _PixelChoice(multipart, OCTET, stored, False)
-                # PS3.18 8.7.3.3.2: application/octet-stream defaults to Explicit VR Little Endian
+                # PS3.18 8.7.3.3: without a transfer-syntax parameter, Explicit VR Little Endian
                 if ts in (None, ELE) and px.can_decode(stored):
                     return _PixelChoice(multipart, OCTET, ELE, True)
         elif native_ok and wanted.matches(OCTET) and ts in (None, "*", ELE, stored):
@@ -519,7 +530,10 @@ async def retrieve_bulk(request: web.Request) -> web.Response:
         return web.Response(status=status, body=value,
                             headers={"Content-Type": part_type, "Accept-Ranges": "bytes", **dict(part_headers)})
     writer = MultipartRelated(OCTET)
-    body = writer.part_header(part_type, part_headers) + value + writer.close()
+    study, series, sop = _uids(request)
+    # PS3.18 B.10: the part names the BulkDataURI it answers
+    location = f"{base_url(request)}/studies/{study}/series/{series}/instances/{sop}/bulk/{tag_text}"
+    body = writer.part_header(part_type, [("Content-Location", location), *part_headers]) + value + writer.close()
     return web.Response(status=status, body=body, headers={"Content-Type": writer.content_type,
                                                             "Accept-Ranges": "bytes"})
 
