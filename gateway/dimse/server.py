@@ -108,6 +108,12 @@ class DimseServer:
             abort = handler.assoc.abort(0, 0)
             if abort and not writer.is_closing():
                 writer.write(abort)
+        except PeerError as exc:
+            # the peer does not read what we write (network timeout): reset the connection, or the
+            # transport would go on trying to flush into its full socket for as long as the peer lives
+            log.warning("dropping the association with %r: %s", handler.calling_ae, exc)
+            self.metrics.associations_total.labels("timeout").inc()
+            writer.transport.abort()
         finally:
             self._handlers.discard(task)
             self.metrics.associations_active.dec()
