@@ -8,6 +8,9 @@ associations, echoing and storing in a thread (`GoodTraffic`), and must be serve
 from __future__ import annotations
 
 import asyncio
+import logging
+import select
+import socket
 import struct
 import threading
 import time
@@ -382,6 +385,31 @@ async def test_peer_stalling_mid_pdu_is_aborted(vna_factory):
         writer.close()
 
 
+async def test_peer_that_stops_reading_is_dropped(vna_factory, caplog):
+    """A peer that sends requests but never reads the responses: once the server cannot write for the
+    network timeout, it drops the connection (the socket is reset, not left flushing forever)."""
+    rt = await vna_factory(dicom={"network_timeout": 1, "acse_timeout": 1})
+    reader, writer = await raw_associated(rt.ports.dicom)
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    echo = encode(PDataTF((PDV(1, True, True, C.encode({
+        "CommandField": C.C_ECHO_RQ, "MessageID": 1, "AffectedSOPClassUID": VERIFICATION,
+        "CommandDataSetType": C.NO_DATASET})),)))
+    for _ in range(100_000):  # 8 MB of C-ECHO-RQs: their responses overflow every socket buffer
+        writer.write(echo)
+    started = time.monotonic()
+    async with GoodTraffic(rt.ports.dicom) as good:
+        poller = select.poll()
+        poller.register(sock.fileno(), select.POLLRDHUP | select.POLLHUP | select.POLLERR)
+        while not poller.poll(0):
+            assert time.monotonic() - started < 8, "the server keeps the connection of a peer that never reads"
+            await asyncio.sleep(0.1)
+        await good.served(2)
+    writer.transport.abort()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], "unhandled error in the server"
+
+
+# -- presentation contexts and SOP classes -----------------------------------------------------------
 # -- presentation contexts and SOP classes -----------------------------------------------------------
 
 async def test_unknown_abstract_syntax_rejected_verification_accepted(vna):
