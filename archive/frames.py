@@ -372,6 +372,50 @@ def encapsulated_frames(layout: DataSetLayout, indices: list[int]) -> list[bytes
     return out
 
 
+def basic_offset_table_length(item_header: bytes) -> int:
+    """The length of the Basic Offset Table from the 8 bytes that open encapsulated pixel data (PS3.5 A.4)."""
+    tag, _, length, _ = _Reader(item_header, True).header(0, False)
+    if tag != _ITEM or length == _UNDEFINED or length % 4:
+        raise MalformedPixelData("encapsulated pixel data does not start with a Basic Offset Table item")
+    return length
+
+
+def frame_item_ranges(layout: DataSetLayout, basic_offset_table: bytes, first_fragment: int,
+                      object_size: int) -> list[tuple[int, int]] | None:
+    """For each frame, the (start, end) in the object of the items holding its fragments, located by the
+    Extended Offset Table or else the Basic Offset Table (PS3.5 A.4, Table A.4-1); None when neither
+    locates every frame, and the fragments must be walked. The last frame's range runs to the object's
+    end: `fragment_values` stops at the Sequence Delimitation Item."""
+    n = layout.number_of_frames
+    eot = element_value(layout, _EXTENDED_OFFSET_TABLE)
+    eot_lengths = element_value(layout, _EXTENDED_OFFSET_TABLE_LENGTHS)
+    if eot and eot_lengths and len(eot) == len(eot_lengths) == 8 * n:
+        offsets = struct.unpack(f"<{n}Q", eot)
+        lengths = struct.unpack(f"<{n}Q", eot_lengths)
+        return [(first_fragment + o, first_fragment + o + 8 + k) for o, k in zip(offsets, lengths)]
+    if len(basic_offset_table) != 4 * n or n == 0:
+        return None
+    bot = struct.unpack(f"<{n}L", basic_offset_table)
+    ends = [first_fragment + o for o in bot[1:]] + [object_size]
+    return [(first_fragment + o, end) for o, end in zip(bot, ends)]
+
+
+def fragment_values(raw: bytes) -> bytes:
+    """A frame from the items that hold it: their values joined, up to a Sequence Delimitation Item or
+    the end of `raw` (PS3.5 A.4: a frame is one or more fragments)."""
+    reader = _Reader(raw, True)
+    values, pos = [], 0
+    while pos < len(raw):
+        tag, _, length, value = reader.header(pos, False)
+        if tag == _SEQUENCE_DELIMITER:
+            break
+        if tag != _ITEM or length == _UNDEFINED or value + length > len(raw):
+            raise MalformedPixelData("the offset table does not point at whole fragments")
+        values.append(raw[value:value + length])
+        pos = value + length
+    return b"".join(values)
+
+
 def frames(layout: DataSetLayout, indices: list[int]) -> list[bytes]:
     """Frames `indices` (0-based) as stored: compressed bitstreams, or native little endian bytes."""
     if layout.encapsulated:

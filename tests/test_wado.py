@@ -23,7 +23,7 @@ import pydicom
 import pytest
 from dicomweb_client.api import DICOMwebClient
 from pydicom.data import get_testdata_file
-from pydicom.encaps import generate_frames
+from pydicom.encaps import encapsulate, encapsulate_extended, generate_frames
 from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom import _config as pynetdicom_config
@@ -512,3 +512,45 @@ async def test_large_header_and_frames_read_alone(vna: Runtime, tmp_path: Path,
                                  Range="bytes=40001-50000")
     assert status == 206 and body == value[40001:50001]
     assert whole_reads == []
+
+
+async def test_compressed_frames_read_alone_by_offset_table(vna: Runtime, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """PS3.5 A.4: a Basic (or Extended) Offset Table locates each frame's fragments, so a frame of a
+    compressed multi-frame object is read alone; without one the fragments are walked."""
+    monkeypatch.setattr(wado, "HEADER_READ", 1024)
+    whole_reads: list[str] = []
+    original_get = FileSystemStore.get
+
+    async def counting_get(self: FileSystemStore, location: str, **kwargs: Any) -> bytes:
+        whole_reads.append(location)
+        return await original_get(self, location, **kwargs)
+
+    monkeypatch.setattr(FileSystemStore, "get", counting_get)
+    source = get_testdata_file("emri_small_jpeg_2k_lossless.dcm")
+    bitstreams = list(generate_frames(pydicom.dcmread(source).PixelData, number_of_frames=10))
+    study, series = generate_uid(), generate_uid()
+    variants = {}
+    for name in ("bot-3-fragments", "eot", "no-table"):
+        ds = pydicom.dcmread(source)
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        if name == "bot-3-fragments":
+            ds.PixelData = encapsulate(bitstreams, fragments_per_frame=3, has_bot=True)
+        elif name == "eot":
+            ds.PixelData, ds.ExtendedOffsetTable, ds.ExtendedOffsetTableLengths = encapsulate_extended(bitstreams)
+        else:
+            ds.PixelData = encapsulate(bitstreams, fragments_per_frame=2, has_bot=False)
+        path = tmp_path / f"{name}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        data = path.read_bytes()
+        variants[name] = Sample(name, path, data, data[split_part10(data)[1]:], pydicom.dcmread(path), study,
+                                series, str(ds.SOPInstanceUID), J2K_LOSSLESS, 10)
+    url = await _loaded(vna, variants, monkeypatch)
+    for name, s in variants.items():
+        whole_reads.clear()
+        status, headers, body = await _get(f"{_instance_url(url, s)}/frames/10,1,4", 'multipart/related; type="*/*"')
+        assert status == 200, name
+        assert [c for _, c in parse_multipart(headers["Content-Type"], body)] == \
+            [bitstreams[9], bitstreams[0], bitstreams[3]], name
+        assert len(whole_reads) == (1 if name == "no-table" else 0), name

@@ -403,7 +403,10 @@ async def _pixel_parts(request: web.Request, obj: _Object, indices: list[int]) -
                                 len(indices))
     if choice is None:
         raise _no_pixel_media(inst)
-    if choice.decode or obj.layout.encapsulated:
+    if not choice.decode and obj.layout.encapsulated and obj.data is None \
+            and (located := await _frames_by_offset_table(request, obj, indices)) is not None:
+        parts = located
+    elif choice.decode or obj.layout.encapsulated:
         obj = await _whole(request, obj)
         if choice.decode:
             parts = await _guarded(_in_pool(request, px.decoded_frames, obj.data, indices))
@@ -416,6 +419,24 @@ async def _pixel_parts(request: web.Request, obj: _Object, indices: list[int]) -
             raw = await _piece(request, obj, span.offset, span.length)
             parts.append(await _guarded(_sync(px.frame_from_span, raw, span)))
     return _pixel_response(choice, parts)
+
+
+async def _frames_by_offset_table(request: web.Request, obj: _Object, indices: list[int]) -> list[bytes] | None:
+    """Compressed frames read alone where an offset table locates them (PS3.5 A.4), so that a frame of
+    a large multi-frame object costs one frame's read; None: no table, the fragments must be walked."""
+    pixel = obj.layout.elements[px.PIXEL_DATA]
+    bot_length = await _guarded(_sync(px.basic_offset_table_length, await _piece(request, obj, pixel.offset, 8)))
+    bot = await _piece(request, obj, pixel.offset + 8, bot_length)
+    ranges = await _guarded(_sync(px.frame_item_ranges, obj.layout, bot, pixel.offset + 8 + bot_length,
+                                  obj.inst.size))
+    if ranges is None:
+        return None
+    parts = []
+    for index in indices:
+        start, end = ranges[index]
+        raw = await _piece(request, obj, start, end - start)
+        parts.append(await _guarded(_sync(px.fragment_values, raw)))
+    return parts
 
 
 async def _sync(fn: Callable[..., T], *args: Any) -> T:
