@@ -9,6 +9,9 @@ frame or a bulk value is a slice of the stored bytes, found without building a p
   Offset Table (7FE0,0001/0002), else the Basic Offset Table, else (empty tables) by the same rules
   as pydicom.encaps.generate_fragmented_frames: one fragment = one frame, fragments == frames, a
   single frame, and otherwise the JPEG EOI / EOC marker (FFD9) at the end of a frame's last fragment.
+Both kinds can be located from the elements before the pixel data alone (`parse_layout(...,
+stop_at_pixel_data=True)`, `native_frame_span`, `frame_item_ranges`), so a caller reads one frame's
+bytes, not the object.
 Decoding compressed frames and re-encoding whole instances uses pydicom (with pylibjpeg); callers
 run those functions in a worker thread, never on the event loop.
 """
