@@ -278,7 +278,9 @@ def parse_instance(data: bytes, transfer_syntax_uid: str, *, affected_sop_class_
         value = _first(metadata, tag_hex)
         value = str(value).strip("\0 ") if value is not None else ""
         if not value:
-            raise InvalidInstance(f"{keyword} is missing", status=STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS,
+            # an invalid UI value is dropped by the JSON conversion, so "missing" includes "malformed"
+            raise InvalidInstance(f"{keyword} is missing or not a valid UID",
+                                  status=STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS,
                                   code="missing-attribute")
         if not is_valid_uid(value):
             raise InvalidInstance(f"{keyword} {value!r} is not a valid UID (PS3.5 9.1)",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pydicom._uid_dict import UID_dictionary
 from pydicom.uid import UID
 from pynetdicom import sop_class as _sop_class
 
@@ -28,10 +29,14 @@ EXPLICIT_VR_BIG_ENDIAN = "1.2.840.10008.1.2.2"
 NATIVE_SYNTAXES = (EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN, EXPLICIT_VR_BIG_ENDIAN,
                    DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN)
 
-# Every Storage SOP Class pynetdicom knows (PS3.4 Annex B.5), plus the non-patient objects stored
-# the same way (hanging protocols, color palettes, ...: PS3.4 Annex GG).
+# Every Storage SOP Class pynetdicom knows (PS3.4 Annex B.5), the non-patient objects stored the same
+# way (hanging protocols, color palettes, ...: PS3.4 Annex GG), and the retired and trial storage
+# classes of the Storage Service Class tree that legacy modalities still send (PS3.4 B.5 lists them
+# as retired; an archive keeps what it is given).
 STORAGE_SOP_CLASSES: frozenset[str] = frozenset(
-    list(_sop_class._STORAGE_CLASSES.values()) + list(_sop_class._NON_PATIENT_OBJECT_CLASSES.values()))
+    list(_sop_class._STORAGE_CLASSES.values()) + list(_sop_class._NON_PATIENT_OBJECT_CLASSES.values())
+    + [uid for uid, (name, kind, *_rest) in UID_dictionary.items()
+       if kind == "SOP Class" and "Storage" in name and uid.startswith("1.2.840.10008.5.1.4.1.1.")])
 
 # A-ASSOCIATE-RJ fields (PS3.8 Table 9-21)
 RJ_PERMANENT, RJ_TRANSIENT = 1, 2
