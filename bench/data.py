@@ -53,7 +53,9 @@ class Study:
 
 
 def _uid(*parts: object) -> str:
-    return generate_uid(prefix=_ROOT, entropy_srcs=["vna-bench", *map(str, parts)])
+    # generate_uid hashes its entropy sources concatenated: without a separator, instance (1, 0, 15)
+    # and (10, 1, 5) would get the same UID
+    return generate_uid(prefix=_ROOT, entropy_srcs=["vna-bench", "/".join(map(str, parts))])
 
 
 def patient_for(study: int) -> tuple[str, str]:
@@ -109,7 +111,7 @@ def generate(outdir: Path, studies: int, series: int, instances: int) -> list[St
     """Write (or reuse) the data set in ``outdir``; return the studies with their file paths."""
     outdir = Path(outdir)
     manifest = outdir / "manifest.json"
-    layout = {"studies": studies, "series": series, "instances": instances}
+    layout = {"studies": studies, "series": series, "instances": instances, "uids": 2}
     if manifest.exists():
         saved = json.loads(manifest.read_text())
         if saved["layout"] == layout:
