@@ -1,15 +1,15 @@
 """Does ingest slow down as the index grows? C-STORE rate on an empty index vs with N instances indexed.
 
-1. vna on a new data directory; storescu sends 1000 x 512 KiB CT instances (bench/data.py) on one
-   association: the rate on an (almost) empty index.
-2. The index is filled to N instances (default 200,000) with SQL: patients, studies, series and
-   instance rows cloned from the stored ones (each with the full metadata text), as C-STORE would
-   leave them, but without objects: only the index's size matters here.
-3. storescu sends 1000 more instances (the same files with new UIDs): the rate with N indexed.
+Two vna servers run side by side: one whose index is filled to N instances (default 200,000) with
+SQL (patients, studies, series and instance rows cloned from a stored instance, each with the full
+metadata text, as C-STORE would leave them but without objects: only the index's size matters here),
+one left (almost) empty. In each round storescu sends 1000 x 512 KiB CT instances (bench/data.py,
+with new UIDs every time) on one association to the empty one, then to the full one. Alternating
+rounds cancel drifts in the machine's load; the medians are compared.
 
-    python bench/ingest_scale.py [--indexed 200000] [--workdir DIR]
+    python bench/ingest_scale.py [--indexed 200000] [--rounds 3] [--workdir DIR]
 
-Prints both rates and their ratio (target >= 0.9).
+Prints the rates and the ratio full/empty (target >= 0.9).
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import statistics
 import sys
 import tempfile
 import time
@@ -93,21 +95,28 @@ async def _fill(dsn: str, total: int) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--indexed", type=int, default=200_000)
+    p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--workdir", type=Path)
     args = p.parse_args(argv)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="vna-scale-"))
-    studies = generate(work / "data-a", 10, 5, 20)
-    first = [f for s in studies for f in s.files]
-    second = _renumber(first, work / "data-b")
-    with vna(work / "vna", {}) as peer:
-        empty_rate = store(peer, first, 1)
-        dsn = EmbeddedPostgres(work / "vna" / "data").ensure_running()
+    studies = generate(work / "data", 10, 5, 20)
+    template = [f for s in studies for f in s.files]
+    batches = [_renumber(template, work / f"batch-{n}") for n in range(2 * args.rounds + 1)]
+    rates: dict[str, list[float]] = {"empty": [], "full": []}
+    with vna(work / "empty", {}) as empty, vna(work / "full", {}) as full:
+        store(full, batches[-1], 1)  # the rows the fill clones
+        dsn = EmbeddedPostgres(work / "full" / "data").ensure_running()
         started = time.perf_counter()
         count = asyncio.run(_fill(dsn, args.indexed))
         print(f"index filled to {count} instances in {time.perf_counter() - started:.0f} s")
-        full_rate = store(peer, second, 1)
+        for n in range(args.rounds):
+            rates["empty"].append(store(empty, batches[2 * n], 1))
+            rates["full"].append(store(full, batches[2 * n + 1], 1))
+            print(f"round {n + 1}: empty {rates['empty'][-1]:.0f} inst/s, full {rates['full'][-1]:.0f} inst/s")
+    empty_rate, full_rate = statistics.median(rates["empty"]), statistics.median(rates["full"])
     result = {"empty_index_inst_per_s": round(empty_rate, 1), "indexed": count,
-              "full_index_inst_per_s": round(full_rate, 1), "ratio": round(full_rate / empty_rate, 3)}
+              "full_index_inst_per_s": round(full_rate, 1), "ratio": round(full_rate / empty_rate, 3),
+              "rounds": rates, "load_average": os.getloadavg()}
     print(json.dumps(result, indent=1))
     return 0
 
