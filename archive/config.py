@@ -91,12 +91,42 @@ class DatabaseSettings(_Section):
 
 class StorageBackend(str, Enum):
     filesystem = "filesystem"
+    rados = "rados"
+
+
+class RadosSettings(_Section):
+    """Where and how the RADOS store connects (storage.backend: rados)."""
+
+    conffile: Path | None = None  # None: $CEPH_CONF, else /etc/ceph/ceph.conf (librados' own search)
+    keyring: Path | None = None   # None: the keyring the conffile names (or librados' default places)
+    client_name: str = "client.admin"
+    pool: str = "vna"
+    # objects larger than this are split in parts; each RADOS object must stay under osd_max_object_size (128 MiB)
+    part_size: int = Field(32 * 2**20, ge=64 * 2**10, le=128 * 2**20)
+    # every librados call (monitor and OSD) fails after this many seconds (whole: librados' unit) instead of
+    # waiting for the cluster
+    op_timeout: int = Field(30, ge=1)
+
+    @field_validator("client_name")
+    @classmethod
+    def _client(cls, v: str) -> str:
+        if not v.startswith("client.") or len(v) == len("client."):
+            raise ValueError(f"{v!r} is not a Ceph client name (client.<id>)")
+        return v
+
+    @field_validator("pool")
+    @classmethod
+    def _pool(cls, v: str) -> str:
+        if not v or "/" in v:
+            raise ValueError(f"{v!r} is not a usable pool name (not empty, no '/')")
+        return v
 
 
 class StorageSettings(_Section):
     backend: StorageBackend = StorageBackend.filesystem
     root: Path | None = None  # None: <data_dir>/objects
     fsync: bool = True
+    rados: RadosSettings = RadosSettings()
 
 
 class DuplicatePolicy(str, Enum):

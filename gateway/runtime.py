@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from archive.config import Settings
+from archive.config import Settings, StorageBackend
 from archive.database import create_pool, migrate
 from archive.embedded_pg import EmbeddedPostgres
 from archive.index import Index
@@ -46,8 +46,18 @@ async def database_url(settings: Settings) -> AsyncIterator[str]:
         await asyncio.to_thread(pg.stop)
 
 
-def build_store(settings: Settings) -> ObjectStore:
-    return FileSystemStore(settings.object_root, fsync=settings.storage.fsync)
+@contextlib.asynccontextmanager
+async def build_store(settings: Settings) -> AsyncIterator[ObjectStore]:
+    """The configured object store; a RADOS store's connection is flushed and shut down on exit."""
+    if settings.storage.backend is StorageBackend.rados:
+        from archive.rados_store import RadosStore  # librados only when configured
+        store = await RadosStore.open(settings.storage.rados)
+        try:
+            yield store
+        finally:
+            await store.close()
+        return
+    yield FileSystemStore(settings.object_root, fsync=settings.storage.fsync)
 
 
 @contextlib.asynccontextmanager
@@ -106,7 +116,7 @@ class Runtime:
         s = self.settings
         s.data_dir.mkdir(parents=True, exist_ok=True)
         index = await self._stack.enter_async_context(open_index(s))
-        store = build_store(s)
+        store = await self._stack.enter_async_context(build_store(s))
         ingestor = Ingestor(index, store, s.ingest, self.metrics, db_timeout=s.database.command_timeout)
         services = ArchiveServices(index=index, store=store, ingestor=ingestor)
 

@@ -38,4 +38,19 @@ ensure_venv() {
         "$VENV/bin/python" -m pip install -q -e "$REPO${VNA_EXTRAS:+[$VNA_EXTRAS]}"
         echo "$want" > "$stamp"
     fi
+    link_rados
+}
+
+link_rados() {
+    # Exposes Debian's librados binding (python3-rados, for storage.backend rados) to the venv: only that one
+    # module, through a .pth naming a folder that holds a symlink to it, not all of dist-packages.
+    # Nothing happens when python3-rados is not installed.
+    local suffix site so
+    read -r suffix site < <("$VENV/bin/python" -c \
+        'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"), sysconfig.get_paths()["purelib"])')
+    so="/usr/lib/python3/dist-packages/rados$suffix"
+    [ -f "$so" ] || return 0
+    mkdir -p "$VENV/vna-rados"
+    ln -sfn "$so" "$VENV/vna-rados/rados$suffix"
+    echo "$VENV/vna-rados" > "$site/vna-rados.pth"
 }

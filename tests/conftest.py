@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import os
 import subprocess
 import tempfile
@@ -148,3 +149,38 @@ async def run_tool(*args: str | Path, env: dict[str, str] | None = None, timeout
     if check and result.returncode != 0:
         raise AssertionError(f"{args[0]} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
     return result
+
+
+# -- a throwaway Ceph cluster (scripts/ceph-cluster), started once per session by the first test that asks --
+
+CEPH_CLUSTER_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "ceph-cluster"
+
+
+@pytest.fixture(scope="session")
+def ceph_cluster() -> Iterator[dict[str, Any]]:
+    """A 1-OSD memstore cluster: scripts/ceph-cluster's cluster.json (conf, keyring, client_name, pools,
+    osds with their pid files) plus "dir"."""
+    with tempfile.TemporaryDirectory(prefix="vna-test-ceph-") as parent:
+        d = Path(parent) / "cluster"
+        subprocess.run([CEPH_CLUSTER_SCRIPT, "start", d], check=True, stdout=subprocess.DEVNULL, timeout=180)
+        try:
+            yield {**json.loads((d / "cluster.json").read_text()), "dir": str(d)}
+        finally:
+            subprocess.run([CEPH_CLUSTER_SCRIPT, "stop", d], check=True, timeout=60)
+
+
+def rados_settings(cluster: dict[str, Any], **overrides: Any) -> dict[str, Any]:
+    """`storage.rados` settings for a cluster from `ceph_cluster`, e.g. `rados_settings(c, part_size=2**20)`."""
+    return {"conffile": cluster["conf"], "keyring": cluster["keyring"], "client_name": cluster["client_name"],
+            "pool": "vna", "op_timeout": 10, **overrides}
+
+
+@pytest.fixture
+def store_settings(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """The `storage` settings of a test server (`vna_factory(storage=store_settings)`): filesystem by default;
+    `@pytest.mark.parametrize("store_settings", ["filesystem", "rados"], indirect=True)` runs a test on both."""
+    backend = getattr(request, "param", "filesystem")
+    if backend == "filesystem":
+        return {"backend": "filesystem"}
+    assert backend == "rados", backend
+    return {"backend": "rados", "rados": rados_settings(request.getfixturevalue("ceph_cluster"))}

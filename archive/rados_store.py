@@ -1,0 +1,593 @@
+"""Objects in Ceph RADOS, through librados (Debian's python3-rados), without blocking the event loop.
+
+Layout in a pool, for an object put under `key` (its location is `<pool>/<key>`):
+- up to `part_size` bytes: one RADOS object `key` holding the bytes, and its manifest in the extended
+  attribute `vna.manifest`, both written by one compound operation (atomic: all or nothing);
+- larger: RADOS objects `key.part-0000`, `key.part-0001`, ... (each at most `part_size`, well under the
+  OSDs' `osd_max_object_size` of 128 MiB) written first, then `key` holding the manifest as JSON (its
+  head, without the list of parts, in `vna.manifest`). Until that last write the object does not exist
+  for readers; parts without a manifest are garbage, which `list_older_than` reports to the orphan
+  sweeper once they are old enough.
+
+The manifest records the size, the SHA-256 of the whole object (`digest`, what the index stores) and the
+SHA-256 of every part. Every read checks the digest of each part it returns (a part is read whole, so a
+ranged read costs at most one part beyond the range); a mismatch raises StorageError.
+
+I/O goes through librados aio completions, resolved on the event loop with `call_soon_threadsafe`; the
+calls librados has no aio form for (connect, open a pool, read an xattr, list a pool) and hashing run in
+worker threads. The pool should be vna's own: the orphan sweeper removes any object in it that no index
+row names. `rados_osd_op_timeout`/`rados_mon_op_timeout`/`client_mount_timeout` are set to the
+configured `op_timeout`, so a dead, stopped or full cluster fails every call with StorageError instead
+of hanging it. One `RadosConnection` (one librados client) per process serves every store and pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import errno
+import hashlib
+import json
+import os
+import re
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+from archive.config import RadosSettings
+from archive.errors import ConfigError, StorageError
+from archive.objectstore import StoredObject
+
+MANIFEST_XATTR = "vna.manifest"
+# Note: operate_aio_write_op's default mtime=0 stores an mtime of 1970 (python3-rados 16.2 passes a pointer to 0,
+# not NULL), which would make every object look ancient to the orphan sweeper: pass the time explicitly.
+_PART_SUFFIX = re.compile(r"\.part-\d{4,}$")
+_WRITES_IN_FLIGHT = 4     # parts of one object written at once (each holds up to part_size of memory)
+_STATS_IN_FLIGHT = 64     # stats at once while listing a pool
+_HASH_INLINE = 64 << 10   # hash smaller buffers on the loop; larger ones in a thread (hashlib drops the GIL)
+
+
+def part_name(key: str, index: int) -> str:
+    return f"{key}.part-{index:04d}"
+
+
+def split_location(location: str) -> tuple[str, str]:
+    pool, sep, key = location.partition("/")
+    if not sep or not pool or not key:
+        raise StorageError(f"{location!r} is not a RADOS location (<pool>/<key>)")
+    return pool, key
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    size: int
+    digest: str                      # "sha256:<hex>" over the whole object
+    parts: tuple[tuple[int, str], ...]  # (size, sha256 hex) of each part, in order
+    inline: bool                     # True: the bytes are in `key` itself (one part)
+    time: float
+
+    def encode(self) -> bytes:
+        return json.dumps({"v": 1, "size": self.size, "digest": self.digest, "time": self.time,
+                           "layout": "inline" if self.inline else "parts",
+                           "parts": [{"size": s, "sha256": h} for s, h in self.parts]},
+                          separators=(",", ":")).encode()
+
+    def head(self, manifest_bytes: int) -> bytes:
+        """The xattr of a multi-part object: the manifest without its list of parts (which can be long), and
+        the length of the whole manifest, the object's data."""
+        return json.dumps({"v": 1, "size": self.size, "digest": self.digest, "time": self.time, "layout": "parts",
+                           "manifest_bytes": manifest_bytes}, separators=(",", ":")).encode()
+
+    @classmethod
+    def decode(cls, raw: bytes, where: str) -> Manifest:
+        try:
+            m = json.loads(raw)
+            if m.get("v") != 1:
+                raise ValueError(f"unknown manifest version {m.get('v')!r}")
+            parts = tuple((int(p["size"]), str(p["sha256"])) for p in m["parts"])
+            manifest = cls(size=int(m["size"]), digest=str(m["digest"]), parts=parts,
+                           inline=m["layout"] == "inline", time=float(m["time"]))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise StorageError(f"{where}: unreadable manifest: {exc}") from exc
+        if sum(s for s, _ in parts) != manifest.size or (manifest.inline and len(parts) != 1):
+            raise StorageError(f"{where}: inconsistent manifest")
+        return manifest
+
+    def spans(self, offset: int) -> list[tuple[int, int, int]]:
+        """(part index, start of the part in the object, its size) of every part holding bytes at or after offset."""
+        out, start = [], 0
+        for i, (size, _) in enumerate(self.parts):
+            if start + size > offset or (size == 0 and start >= offset):
+                out.append((i, start, size))
+            start += size
+        return out
+
+
+class RadosError(StorageError):
+    """A failed librados call; `errno` says why (errno.ENOENT: no such object, ETIMEDOUT: op_timeout passed)."""
+
+    def __init__(self, message: str, code: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = code
+
+
+def _rados_error(exc: BaseException, what: str) -> RadosError:
+    return RadosError(f"RADOS {what}: {exc}", getattr(exc, "errno", None))
+
+
+def _errno_error(code: int, what: str) -> RadosError:
+    return RadosError(f"RADOS {what}: {errno.errorcode.get(code, str(code))} ({os.strerror(code)})", code)
+
+
+def _retrieve(fut: asyncio.Future[Any]) -> None:
+    # an operation nobody awaits any more (its caller timed out or failed): its outcome is of no interest
+    if not fut.cancelled():
+        fut.exception()
+
+
+class RadosConnection:
+    """One librados client (one `rados.Rados`) and an I/O context per pool, opened once and reused.
+
+    Every operation it starts is counted until its completion callback has run, so that `close` can wait
+    for them: librados aborts the process when it shuts down with operations in flight.
+    """
+
+    def __init__(self, settings: RadosSettings) -> None:
+        try:
+            import rados
+        except ImportError as exc:
+            raise ConfigError("storage.backend rados needs librados' Python binding: apt-get install python3-rados "
+                              "and expose it to the venv (scripts/bootstrap.sh link_rados)") from exc
+        self.rados = rados
+        self.settings = settings
+        t = str(settings.op_timeout)
+        conf = {"rados_osd_op_timeout": t, "rados_mon_op_timeout": t, "client_mount_timeout": t}
+        if settings.keyring is not None:
+            conf["keyring"] = str(settings.keyring)
+        try:
+            self._cluster = rados.Rados(conffile=str(settings.conffile) if settings.conffile else "",
+                                        name=settings.client_name, conf=conf)
+        except rados.Error as exc:
+            where = settings.conffile or "$CEPH_CONF or /etc/ceph/ceph.conf"
+            raise ConfigError(f"cannot use the Ceph configuration {where}: {exc}") from exc
+        self._ioctxs: dict[str, Any] = {}
+        self._opening: dict[str, asyncio.Future[Any]] = {}
+        self._lock = threading.Lock()
+        self._in_flight = 0
+        self._closed = False
+
+    async def connect(self) -> None:
+        # connect() waits at most client_mount_timeout; the asyncio timeout is a backstop
+        try:
+            await asyncio.wait_for(asyncio.to_thread(self._cluster.connect), self.settings.op_timeout + 5)
+        except self.rados.Error as exc:
+            raise _rados_error(exc, f"connect as {self.settings.client_name}") from exc
+        except TimeoutError as exc:
+            raise StorageError(f"RADOS connect: no answer within {self.settings.op_timeout}s") from exc
+
+    async def ioctx(self, pool: str) -> Any:
+        """The I/O context of `pool` (opened on first use)."""
+        if (io := self._ioctxs.get(pool)) is not None:
+            return io
+        if self._closed:
+            raise StorageError("RADOS connection closed")
+        if pool not in self._opening:
+            self._opening[pool] = asyncio.ensure_future(asyncio.to_thread(self._cluster.open_ioctx, pool))
+        try:
+            io = await asyncio.wait_for(asyncio.shield(self._opening[pool]), self.settings.op_timeout + 5)
+        except self.rados.ObjectNotFound as exc:
+            raise StorageError(f"RADOS pool {pool!r} does not exist") from exc
+        except self.rados.Error as exc:
+            raise _rados_error(exc, f"open pool {pool!r}") from exc
+        except TimeoutError as exc:
+            raise StorageError(f"RADOS open pool {pool!r}: no answer within {self.settings.op_timeout}s") from exc
+        finally:
+            fut = self._opening.get(pool)
+            if fut is not None and fut.done():
+                del self._opening[pool]
+        self._ioctxs.setdefault(pool, io)
+        return self._ioctxs[pool]
+
+    def aio(self, start: Callable[[Callable[..., None]], Any], what: str, *,
+            loop: asyncio.AbstractEventLoop | None = None) -> asyncio.Future[tuple[Any, ...]]:
+        """Start one librados aio call and return a future of (return value, *callback arguments).
+
+        `start(callback)` submits the operation with `callback` as its oncomplete. It may be called from a
+        worker thread (pass that thread's event loop as `loop`). A negative return value becomes StorageError.
+        """
+        loop = loop or asyncio.get_running_loop()
+        fut: asyncio.Future[tuple[Any, ...]] = loop.create_future()
+        fut.add_done_callback(_retrieve)
+
+        def resolve(rv: int, args: tuple[Any, ...]) -> None:
+            if fut.done():  # cancelled: the caller timed out
+                return
+            if rv < 0:
+                fut.set_exception(_errno_error(-rv, what))
+            else:
+                fut.set_result((rv, *args))
+
+        def oncomplete(completion: Any, *args: Any) -> None:
+            # on a librados thread: never raise here, librados would only print it
+            try:
+                loop.call_soon_threadsafe(resolve, completion.get_return_value(), args)
+            except RuntimeError:
+                pass  # the loop has closed: nobody waits for this any more
+            finally:
+                with self._lock:
+                    self._in_flight -= 1
+
+        with self._lock:
+            if self._closed:
+                raise StorageError("RADOS connection closed")
+            self._in_flight += 1
+        try:
+            start(oncomplete)
+        except self.rados.Error as exc:
+            with self._lock:
+                self._in_flight -= 1
+            raise _rados_error(exc, what) from exc
+        except BaseException:
+            with self._lock:
+                self._in_flight -= 1
+            raise
+        return fut
+
+    async def close(self) -> None:
+        """Wait for operations in flight (each ends within op_timeout), flush writes, close, shut down."""
+        if self._closed:
+            return
+        self._closed = True
+        deadline = time.monotonic() + self.settings.op_timeout + 5
+        while self._in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        ioctxs, self._ioctxs = list(self._ioctxs.values()), {}
+
+        def shutdown() -> None:
+            for io in ioctxs:
+                io.aio_flush()
+                io.close()
+            self._cluster.shutdown()
+
+        await asyncio.to_thread(shutdown)
+
+
+class RadosStore:
+    """The ObjectStore protocol on RADOS: writes to `pool`, reads any `<pool>/<key>` location of the cluster.
+
+    Build it with `await RadosStore.open(settings.storage.rados)` and `await store.close()` at the end; or
+    share one `RadosConnection` between several stores (`RadosStore(connection, pool=...)`).
+    """
+
+    name = "rados"
+
+    def __init__(self, connection: RadosConnection, *, pool: str, part_size: int = 32 << 20,
+                 owns_connection: bool = False) -> None:
+        self.connection = connection
+        self.pool = pool
+        self.part_size = part_size
+        self.op_timeout = connection.settings.op_timeout
+        self._owns_connection = owns_connection
+
+    @classmethod
+    async def open(cls, settings: RadosSettings) -> RadosStore:
+        """Connect (one librados client) and check that the pool exists."""
+        conn = RadosConnection(settings)
+        try:
+            await conn.connect()
+            store = cls(conn, pool=settings.pool, part_size=settings.part_size, owns_connection=True)
+            await conn.ioctx(settings.pool)
+        except BaseException:
+            await conn.close()
+            raise
+        return store
+
+    async def close(self) -> None:
+        if self._owns_connection:
+            await self.connection.close()
+
+    # -- writing -------------------------------------------------------------------------------------------
+
+    async def put(self, key: str, parts: Sequence[bytes], *, digest: str | None = None,
+                  timeout: float = 60.0) -> StoredObject:
+        """Write `parts` as one object under `key` (manifest last); `digest` if the caller already computed it."""
+        if not key or key.startswith("/") or _PART_SUFFIX.search(key):
+            raise StorageError(f"{key!r} cannot name a RADOS object")
+        data = [p if isinstance(p, bytes) else bytes(p) for p in parts] or [b""]
+        if digest is not None and not digest.startswith("sha256:"):
+            digest = None
+        size = sum(map(len, data))
+        io = await self.connection.ioctx(self.pool)
+        try:
+            async with asyncio.timeout(timeout):
+                if size <= self.part_size:
+                    manifest = await self._put_inline(io, key, data, size, digest)
+                else:
+                    manifest = await self._put_parts(io, key, data, size, digest)
+        except TimeoutError as exc:
+            raise StorageError(f"RADOS put {self.pool}/{key}: no answer within {timeout}s") from exc
+        return StoredObject(location=f"{self.pool}/{key}", size=manifest.size, digest=manifest.digest)
+
+    async def _put_inline(self, io: Any, key: str, data: list[bytes], size: int, digest: str | None) -> Manifest:
+        loop = asyncio.get_running_loop()
+        conn = self.connection
+
+        def hash_and_submit() -> tuple[Manifest, asyncio.Future[tuple[Any, ...]]]:
+            # in a worker thread: hashing and librados' copy of the bytes stay off the loop
+            if digest is None:
+                h = hashlib.sha256()
+                for p in data:
+                    h.update(p)
+                hexdigest = h.hexdigest()
+            else:
+                hexdigest = digest.removeprefix("sha256:")
+            manifest = Manifest(size=size, digest="sha256:" + hexdigest, parts=((size, hexdigest),), inline=True,
+                                time=time.time())
+            op = io.create_write_op()
+            try:
+                # one compound operation: the bytes and their manifest land together or not at all
+                op.write_full(data[0])
+                offset = len(data[0])
+                for p in data[1:]:
+                    op.write(p, offset)
+                    offset += len(p)
+                op.set_xattr(MANIFEST_XATTR, manifest.encode())
+                fut = conn.aio(lambda cb: io.operate_aio_write_op(op, key, oncomplete=cb, mtime=int(manifest.time)),
+                               f"put {self.pool}/{key}", loop=loop)
+            finally:
+                io.release_write_op(op)
+            return manifest, fut
+
+        manifest, fut = await asyncio.to_thread(hash_and_submit)
+        await fut
+        return manifest
+
+    async def _put_parts(self, io: Any, key: str, data: list[bytes], size: int, digest: str | None) -> Manifest:
+        loop = asyncio.get_running_loop()
+        conn = self.connection
+        whole = hashlib.sha256() if digest is None else None
+        entries: list[tuple[int, str]] = []
+        in_flight: collections.deque[asyncio.Future[tuple[Any, ...]]] = collections.deque()
+
+        def hash_and_submit(index: int, pieces: list[memoryview]) -> tuple[tuple[int, str], asyncio.Future[Any]]:
+            first = pieces[0]
+            chunk = first.obj if len(pieces) == 1 and len(first) == len(first.obj) else b"".join(pieces)
+            if whole is not None:
+                whole.update(chunk)
+            name = part_name(key, index)
+            fut = conn.aio(lambda cb: io.aio_write_full(name, chunk, oncomplete=cb), f"put {self.pool}/{name}",
+                           loop=loop)
+            return (len(chunk), hashlib.sha256(chunk).hexdigest()), fut
+
+        try:
+            for index, pieces in enumerate(_cut(data, self.part_size)):
+                if len(in_flight) >= _WRITES_IN_FLIGHT:
+                    await in_flight.popleft()
+                entry, fut = await asyncio.to_thread(hash_and_submit, index, pieces)
+                entries.append(entry)
+                in_flight.append(fut)
+            while in_flight:
+                await in_flight.popleft()
+            manifest = Manifest(size=size, digest=digest or "sha256:" + whole.hexdigest(),  # type: ignore[union-attr]
+                                parts=tuple(entries), inline=False, time=time.time())
+            encoded = manifest.encode()
+            op = io.create_write_op()
+            try:
+                op.write_full(encoded)  # readable with `rados get`
+                op.set_xattr(MANIFEST_XATTR, manifest.head(len(encoded)))
+                fut = conn.aio(lambda cb: io.operate_aio_write_op(op, key, oncomplete=cb, mtime=int(manifest.time)),
+                               f"put {self.pool}/{key}")
+            finally:
+                io.release_write_op(op)
+            await fut
+        except BaseException:
+            for f in in_flight:
+                f.cancel()
+            # without a manifest the parts are garbage: remove what we can now, the sweeper gets the rest
+            try:
+                for name in (part_name(key, i) for i in range(len(entries))):
+                    conn.aio(partial(io.aio_remove, name), f"remove {self.pool}/{name}")  # not awaited
+            except StorageError:
+                pass  # the connection is closing: the sweeper will remove them
+            raise
+        return manifest
+
+    # -- reading -------------------------------------------------------------------------------------------
+
+    async def _manifest(self, io: Any, pool: str, key: str) -> Manifest | None:
+        """The object's manifest; None for a RADOS object that has none (a part, or not ours)."""
+        rados = self.connection.rados
+        try:
+            raw = await asyncio.to_thread(io.get_xattr, key, MANIFEST_XATTR)
+        except rados.NoData:
+            return None
+        except rados.ObjectNotFound as exc:
+            raise RadosError(f"RADOS object {pool}/{key} does not exist", errno.ENOENT) from exc
+        except rados.Error as exc:
+            raise _rados_error(exc, f"read manifest of {pool}/{key}") from exc
+        try:
+            head = json.loads(raw)
+            length = int(head["manifest_bytes"]) if head.get("layout") == "parts" else None
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise StorageError(f"{pool}/{key}: unreadable manifest: {exc}") from exc
+        if length is not None:  # a multi-part object: the whole manifest is its data
+            rv, data = await self.connection.aio(lambda cb: io.aio_read(key, length, 0, oncomplete=cb),
+                                                 f"read manifest of {pool}/{key}")
+            raw = data[:rv]
+        manifest = Manifest.decode(raw, f"{pool}/{key}")
+        if length is not None and (manifest.size, manifest.digest) != (head.get("size"), head.get("digest")):
+            raise StorageError(f"{pool}/{key}: the manifest does not match its extended attribute")
+        return manifest
+
+    async def _read_part(self, io: Any, pool: str, key: str, manifest: Manifest, index: int) -> bytes:
+        """One part, whole, its SHA-256 checked."""
+        size, expected = manifest.parts[index]
+        name = key if manifest.inline else part_name(key, index)
+        if size == 0:
+            data = b""
+        else:
+            rv, raw = await self.connection.aio(lambda cb: io.aio_read(name, size, 0, oncomplete=cb),
+                                                f"read {pool}/{name}")
+            data = raw[:rv]
+        if len(data) != size:
+            raise StorageError(f"RADOS object {pool}/{name} holds {len(data)} bytes, its manifest says {size}")
+        if len(data) > _HASH_INLINE:
+            actual = await asyncio.to_thread(lambda: hashlib.sha256(data).hexdigest())
+        else:
+            actual = hashlib.sha256(data).hexdigest()
+        if actual != expected:
+            raise StorageError(f"RADOS object {pool}/{name} is corrupt: sha256 {actual}, its manifest says {expected}")
+        return data
+
+    async def _open(self, location: str) -> tuple[Any, str, str, Manifest]:
+        pool, key = split_location(location)
+        io = await self.connection.ioctx(pool)
+        manifest = await self._manifest(io, pool, key)
+        if manifest is None:
+            raise StorageError(f"RADOS object {location} has no manifest: not an object stored by vna")
+        return io, pool, key, manifest
+
+    async def get(self, location: str, *, offset: int = 0, timeout: float = 60.0) -> bytes:
+        """The object's bytes from `offset` to its end, every part checked against its digest."""
+        try:
+            async with asyncio.timeout(timeout):
+                io, pool, key, manifest = await self._open(location)
+                spans = manifest.spans(offset)
+                chunks = await asyncio.gather(*(self._read_part(io, pool, key, manifest, i) for i, _, _ in spans))
+        except TimeoutError as exc:
+            raise StorageError(f"RADOS get {location}: no answer within {timeout}s") from exc
+        if not spans:
+            return b""
+        skip = offset - spans[0][1]
+        if len(chunks) == 1:
+            return chunks[0][skip:] if skip else chunks[0]
+        return b"".join([chunks[0][skip:], *chunks[1:]])
+
+    async def stream(self, location: str, *, offset: int = 0, chunk_size: int = 1 << 20) -> AsyncIterator[bytes]:
+        """The bytes from `offset` in pieces of at most `chunk_size`; reads one part ahead, checks each part."""
+        try:
+            io, pool, key, manifest = await asyncio.wait_for(self._open(location), self.op_timeout + 5)
+        except TimeoutError as exc:
+            raise StorageError(f"RADOS stream {location}: no answer within {self.op_timeout}s") from exc
+        spans = manifest.spans(offset)
+
+        def read(i: int) -> asyncio.Task[bytes]:
+            task = asyncio.ensure_future(asyncio.wait_for(self._read_part(io, pool, key, manifest, i),
+                                                          self.op_timeout + 5))
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved if nobody awaits it
+            return task
+
+        pending = read(spans[0][0]) if spans else None
+        try:
+            for n, (_i, start, _size) in enumerate(spans):
+                assert pending is not None
+                try:
+                    data = await pending
+                except TimeoutError as exc:
+                    raise StorageError(f"RADOS stream {location}: no answer within {self.op_timeout}s") from exc
+                pending = read(spans[n + 1][0]) if n + 1 < len(spans) else None
+                view = memoryview(data)
+                for pos in range(max(offset - start, 0), len(data), chunk_size):
+                    yield bytes(view[pos:pos + chunk_size])
+        finally:
+            if pending is not None:
+                pending.cancel()
+
+    async def stat(self, location: str, *, timeout: float = 60.0) -> int:
+        try:
+            async with asyncio.timeout(timeout):
+                return (await self._open(location))[3].size
+        except TimeoutError as exc:
+            raise StorageError(f"RADOS stat {location}: no answer within {timeout}s") from exc
+
+    # -- removing ------------------------------------------------------------------------------------------
+
+    async def delete(self, location: str, *, timeout: float = 60.0) -> None:
+        """Remove the object and its parts (manifest first: a crash between leaves garbage, never half an
+        object); removing what does not exist is not an error. A location without manifest (a part the
+        sweeper found orphaned) removes just that RADOS object."""
+        pool, key = split_location(location)
+        try:
+            async with asyncio.timeout(timeout):
+                io = await self.connection.ioctx(pool)
+                try:
+                    manifest = await self._manifest(io, pool, key)
+                except RadosError as exc:
+                    if exc.errno == errno.ENOENT:
+                        return
+                    raise
+                await self._remove(io, pool, key)
+                if manifest is not None and not manifest.inline:
+                    await asyncio.gather(*(self._remove(io, pool, part_name(key, i))
+                                           for i in range(len(manifest.parts))))
+        except TimeoutError as exc:
+            raise StorageError(f"RADOS delete {location}: no answer within {timeout}s") from exc
+
+    async def _remove(self, io: Any, pool: str, name: str) -> None:
+        try:
+            await self.connection.aio(lambda cb: io.aio_remove(name, oncomplete=cb), f"remove {pool}/{name}")
+        except RadosError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+
+    # -- the orphan sweeper's view -------------------------------------------------------------------------
+
+    async def list_older_than(self, age_seconds: float) -> AsyncIterator[str]:
+        """Locations last written more than `age_seconds` ago: every object with a manifest, and every part
+        whose manifest does not exist (an interrupted put or delete). Parts of a whole object are not
+        listed: deleting the object removes them."""
+        pool = self.pool
+        io = await self.connection.ioctx(pool)
+        rados = self.connection.rados
+
+        def names() -> list[str]:
+            return [o.key for o in io.list_objects()]
+
+        try:
+            listed = await asyncio.to_thread(names)
+        except rados.Error as exc:
+            raise _rados_error(exc, f"list pool {pool!r}") from exc
+        present = set(listed)
+        candidates = [n for n in listed if not _PART_SUFFIX.search(n) or _PART_SUFFIX.sub("", n) not in present]
+        cutoff = time.time() - age_seconds
+        sem = asyncio.Semaphore(_STATS_IN_FLIGHT)
+
+        async def mtime(name: str) -> float | None:
+            async with sem:
+                try:
+                    _rv, _size, when = await asyncio.wait_for(
+                        self.connection.aio(lambda cb: io.aio_stat(name, oncomplete=cb), f"stat {pool}/{name}"),
+                        self.op_timeout + 5)
+                except RadosError as exc:
+                    if exc.errno == errno.ENOENT:
+                        return None  # removed since the listing
+                    raise
+                return time.mktime(when)
+
+        for start in range(0, len(candidates), 1024):
+            batch = candidates[start:start + 1024]
+            for name, when in zip(batch, await asyncio.gather(*(mtime(n) for n in batch)), strict=True):
+                if when is not None and when <= cutoff:
+                    yield f"{pool}/{name}"
+
+
+def _cut(data: list[bytes], part_size: int) -> Iterator[list[memoryview]]:
+    """The concatenation of `data` cut into pieces of `part_size` bytes (the last one shorter), each piece a
+    list of views into the buffers (no copy here)."""
+    current: list[memoryview] = []
+    room = part_size
+    for buf in data:
+        view = memoryview(buf)
+        while view:
+            take = view[:room]
+            current.append(take)
+            room -= len(take)
+            view = view[len(take):]
+            if room == 0:
+                yield current
+                current, room = [], part_size
+    if current:
+        yield current
