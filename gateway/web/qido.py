@@ -123,7 +123,11 @@ def build_search(level: Level, params: Iterable[tuple[str, str]], path_uids: Map
             if field.lower() == "all":
                 include_all = True
                 continue
-            tag = parse_tag(field)
+            try:
+                tag = parse_tag(field)
+            except QidoError as exc:
+                warnings.append(f"includefield {exc}: ignored")
+                continue
             if (level_of(tag) or Level.IMAGE).depth > level.depth:
                 warnings.append(f"includefield {field} is below the {level.value.lower()} level and was ignored")
                 continue
