@@ -226,8 +226,17 @@ def swap_width(layout: DataSetLayout, el: Element) -> int:
     if layout.little_endian:
         return 0
     if el.tag == PIXEL_DATA:
-        return layout.bits_allocated // 8 if layout.bits_allocated > 8 and el.vr == "OW" else 0
+        return _pixel_swap_width(layout, el)
     return _SWAP_WIDTH.get(el.vr or "", 0)
+
+
+def _pixel_swap_width(layout: DataSetLayout, pixel: Element) -> int:
+    """PS3.5 7.3: OW is a stream of 16-bit words in the transfer syntax's byte order, 8-bit samples two
+    to a word too (pydicom swaps those pairwise); wider samples are words of their own size, as pydicom
+    reads them. OB is a byte stream: never swapped."""
+    if layout.little_endian or pixel.vr != "OW":
+        return 0
+    return 2 if layout.bits_allocated <= 16 else layout.bits_allocated // 8
 
 
 def little_endian_value(raw: bytes, width: int) -> bytes:
@@ -261,6 +270,7 @@ class FrameSpan:
     bit_offset: int   # Bits Allocated 1: the frame starts this many bits into the first byte
     bits: int
     swap: int         # big endian words of this width to reverse (0: none)
+    lead: int = 0     # bytes read before the frame to start on a word boundary (with `swap`)
 
 
 def native_frame_span(layout: DataSetLayout, index: int) -> FrameSpan:
@@ -275,10 +285,15 @@ def native_frame_span(layout: DataSetLayout, index: int) -> FrameSpan:
     start_bit, end_bit = index * bits, (index + 1) * bits
     if end_bit > pixel.length * 8:
         raise MalformedPixelData(f"pixel data holds {pixel.length} bytes, too few for frame {index + 1}")
-    swap = layout.bits_allocated // 8 if (not layout.little_endian and pixel.vr == "OW"
-                                         and layout.bits_allocated > 8) else 0
+    swap = _pixel_swap_width(layout, pixel)
     first, last = pixel.offset + start_bit // 8, pixel.offset + (end_bit + 7) // 8
-    return FrameSpan(first, last - first, start_bit % 8, bits, swap)
+    lead = 0
+    if swap:
+        # whole words only: a frame of 8-bit samples may start or end in the middle of one
+        lead = (first - pixel.offset) % swap
+        first -= lead
+        last = min(pixel.offset + pixel.length, last + -(last - pixel.offset) % swap)
+    return FrameSpan(first, last - first, start_bit % 8, bits, swap, lead)
 
 
 def frame_from_span(raw: bytes, span: FrameSpan) -> bytes:
@@ -286,7 +301,9 @@ def frame_from_span(raw: bytes, span: FrameSpan) -> bytes:
     if len(raw) != span.length:
         raise MalformedPixelData(f"the object ends inside the pixel data ({len(raw)} of {span.length} bytes)")
     if span.bit_offset == 0 and span.bits % 8 == 0:
-        return _swapped(raw, span.swap) if span.swap else raw
+        if not span.swap:
+            return raw
+        return _swapped(raw, span.swap)[span.lead:span.lead + span.bits // 8]
     # Bits Allocated 1 (PS3.5 8.1.1): frames follow each other bit by bit, least significant bit first
     as_int = (int.from_bytes(raw, "little") >> span.bit_offset) & ((1 << span.bits) - 1)
     return as_int.to_bytes((span.bits + 7) // 8, "little")
