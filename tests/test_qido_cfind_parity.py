@@ -33,7 +33,8 @@ import pytest
 from pydicom.datadict import tag_for_keyword
 
 from gateway.runtime import Runtime
-from tests.test_cfind import (  # noqa: F401 -- `archive`: the module's server holding test_cfind's data set
+from tests import test_cfind
+from tests.test_cfind import (
     CASES,
     INSTANCES,
     LABEL,
@@ -45,10 +46,12 @@ from tests.test_cfind import (  # noqa: F401 -- `archive`: the module's server h
     UID,
     UNIQUE_KEY,
     Case,
-    archive,
     build_identifier,
     c_find,
 )
+
+# the fixture: a server of this module's own holding test_cfind's data set (module scope)
+archive = test_cfind.archive
 
 RESOURCE = {"STUDY": "studies", "SERIES": "series", "IMAGE": "instances"}
 DICOM_JSON = "application/dicom+json"
