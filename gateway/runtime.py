@@ -25,6 +25,7 @@ from archive.ingest import Ingestor, sweep_orphans
 from archive.objectstore import FileSystemStore, ObjectStore
 from archive.errors import VnaError
 from archive.services import ArchiveServices
+from archive.stores import StoreRegistry, open_stores
 from gateway.dimse.server import DimseServer
 from gateway.web.app import build_app
 from metrics.registry import Metrics
@@ -116,9 +117,11 @@ class Runtime:
         s = self.settings
         s.data_dir.mkdir(parents=True, exist_ok=True)
         index = await self._stack.enter_async_context(open_index(s))
-        store = await self._stack.enter_async_context(build_store(s))
-        ingestor = Ingestor(index, store, s.ingest, self.metrics, db_timeout=s.database.command_timeout)
-        services = ArchiveServices(index=index, store=store, ingestor=ingestor)
+        stores = await self._stack.enter_async_context(open_stores(s))
+        store = stores.default.store
+        ingestor = Ingestor(index, store, s.ingest, self.metrics, db_timeout=s.database.command_timeout,
+                            stores=stores)
+        services = ArchiveServices(index=index, store=store, ingestor=ingestor, stores=stores)
 
         runner = web.AppRunner(build_app(self.metrics, lambda: self.ready, services, s.dicomweb), handle_signals=False,
                                shutdown_timeout=s.http.drain_timeout)
@@ -132,7 +135,7 @@ class Runtime:
         dicom_port = await dimse.start()
         self._stack.push_async_callback(dimse.close, drain_timeout=s.http.drain_timeout)
 
-        sweeper = asyncio.create_task(self._sweep_forever(index, store))
+        sweeper = asyncio.create_task(self._sweep_forever(index, stores))
         self._stack.callback(sweeper.cancel)
 
         self.ports = Ports(dicom=dicom_port, http=http_port)
@@ -144,13 +147,14 @@ class Runtime:
                  s.data_dir)
         self.ready = True
 
-    async def _sweep_forever(self, index: Index, store: ObjectStore) -> None:
+    async def _sweep_forever(self, index: Index, stores: StoreRegistry) -> None:
         grace = self.settings.ingest.orphan_grace_seconds
         while True:
-            try:
-                removed = await sweep_orphans(index, store, grace_seconds=grace, metrics=self.metrics)
-                if removed:
-                    log.info("removed %d orphaned objects", removed)
-            except VnaError as exc:
-                log.warning("orphan sweep failed: %s", exc)
+            for store in stores.sweep_stores():  # every pool of every storage class
+                try:
+                    removed = await sweep_orphans(index, store, grace_seconds=grace, metrics=self.metrics)
+                    if removed:
+                        log.info("removed %d orphaned objects from %s", removed, getattr(store, "pool", store.name))
+                except VnaError as exc:
+                    log.warning("orphan sweep failed: %s", exc)
             await asyncio.sleep(max(grace / 2, 30.0))

@@ -1,7 +1,8 @@
 """QIDO-RS (PS3.18 10.6): search parameters to the shared `Query`, answers as DICOM JSON. No I/O.
 
 Decisions:
-- Matching is C-FIND's (archive/query.py); a value list is comma- or backslash-separated (PS3.18 8.3.4.1).
+- Matching is C-FIND's (archive/query.py); UID lists are comma-separated (PS3.18 8.3.4.1), other
+  multi-value keys backslash-separated as in DICOM.
 - `fuzzymatching=true` makes PN keys match each name component by prefix, case-insensitively.
 - Keys of a level below the one searched (e.g. Modality on /studies) are ignored and named in a
   `Warning: 299` header, as are unknown parameters (PS3.18 8.3.4.4 lets the origin server ignore them).
