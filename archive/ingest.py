@@ -24,6 +24,7 @@ from archive.errors import DuplicateConflict, InvalidInstance, VnaError
 from archive.index import Index
 from archive.instance import ParsedInstance, file_meta, parse_instance, split_part10
 from archive.objectstore import ObjectStore
+from archive.stores import StoreRegistry
 from archive.query import Query, QueryKey
 from metrics.registry import Metrics
 
@@ -38,9 +39,11 @@ class IngestResult:
 
 class Ingestor:
     def __init__(self, index: Index, store: ObjectStore, settings: IngestSettings, metrics: Metrics, *,
-                 db_timeout: float = 30.0, store_timeout: float = 60.0) -> None:
+                 db_timeout: float = 30.0, store_timeout: float = 60.0, stores: StoreRegistry | None = None) -> None:
+        """`stores` reads recorded objects (and places new ones); None: `store` alone, one class "default"."""
         self.index = index
         self.store = store
+        self.stores = stores or StoreRegistry.single(store)
         self.settings = settings
         self.metrics = metrics
         self._db_timeout = db_timeout
@@ -89,7 +92,7 @@ class Ingestor:
             self.metrics.ingest_failures.labels(type(exc).__name__).inc()
             raise
         if result.obsolete_location is not None:
-            await self._discard(result.obsolete_location)
+            await self._discard(result.obsolete_store or self.store.name, result.obsolete_location)
         outcome = result.outcome
         if outcome == "conflict" and await self._same_data_set(parsed, parts, dataset_offset):
             outcome = "duplicate"
@@ -112,17 +115,17 @@ class Ingestor:
             found = await self.index.locate(query, timeout=self._db_timeout)
             if len(found) != 1 or found[0].transfer_syntax_uid != parsed.transfer_syntax_uid:
                 return False
-            existing = await self.store.get(found[0].location, offset=found[0].dataset_offset,
-                                            timeout=self._store_timeout)
+            existing = await self.stores.for_location(found[0].store, found[0].location).get(
+                found[0].location, offset=found[0].dataset_offset, timeout=self._store_timeout)
         except VnaError as exc:
             log.warning("could not compare %s with the stored instance: %s", parsed.sop_instance_uid, exc)
             return False
         return existing == b"".join(parts)[dataset_offset:]
 
-    async def _discard(self, location: str) -> None:
+    async def _discard(self, store_name: str, location: str) -> None:
         # The index no longer names this object; if the delete fails the orphan sweeper retries it.
         try:
-            await self.store.delete(location, timeout=self._store_timeout)
+            await self.stores.for_location(store_name, location).delete(location, timeout=self._store_timeout)
         except VnaError as exc:
             log.warning("could not delete obsolete object %s: %s", location, exc)
 

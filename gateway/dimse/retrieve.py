@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from archive.errors import VnaError
 from archive.index import LocatedInstance
-from archive.objectstore import ObjectStore
+from archive.stores import StoreRegistry
 from gateway.dimse.pdu import PresentationContextRQ
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ def contexts_for(instances: list[LocatedInstance]) -> list[list[PresentationCont
     return groups
 
 
-async def run_suboperations(instances: list[LocatedInstance], store: ObjectStore, send_one: SendOne,
+async def run_suboperations(instances: list[LocatedInstance], stores: StoreRegistry, send_one: SendOne,
                             progress: Progress, cancelled: asyncio.Event, *, timeout: float) -> SubOperations:
     """Read each object and send it, reporting progress after each; stop early when cancelled.
 
@@ -76,7 +76,8 @@ async def run_suboperations(instances: list[LocatedInstance], store: ObjectStore
     ops = SubOperations(remaining=len(instances))
 
     async def read(inst: LocatedInstance) -> bytes:
-        return await store.get(inst.location, offset=inst.dataset_offset, timeout=timeout)
+        return await stores.for_location(inst.store, inst.location).get(inst.location, offset=inst.dataset_offset,
+                                                                        timeout=timeout)
 
     next_read: asyncio.Task[bytes] | None = asyncio.ensure_future(read(instances[0])) if instances else None
     try:

@@ -398,7 +398,7 @@ class _AssociationHandler:
                         self.metrics.sent_instances.labels("C-MOVE", _status_class(status)).inc()
                         return status
 
-                    part = await run_suboperations(batch, self.services.store, send, self._progress_offset(msg, ops),
+                    part = await run_suboperations(batch, self.services.stores, send, self._progress_offset(msg, ops),
                                                    cancel, timeout=timeout)
             except PeerError as exc:
                 log.warning("C-MOVE to %s failed: %s", ae.ae_title, exc)
@@ -451,7 +451,7 @@ class _AssociationHandler:
             self.metrics.sent_instances.labels("C-GET", _status_class(status)).inc()
             return status
 
-        ops = await run_suboperations(instances, self.services.store, send, self._progress(msg), cancel,
+        ops = await run_suboperations(instances, self.services.stores, send, self._progress(msg), cancel,
                                       timeout=timeout)
         return await self._finish_retrieve(msg, ops, cancel.is_set())
 

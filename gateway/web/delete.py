@@ -21,7 +21,7 @@ from aiohttp import web
 
 from archive.config import DicomwebSettings
 from archive.errors import RemoteError, VnaError
-from archive.objectstore import ObjectStore
+from archive.stores import StoreRegistry
 from gateway.web.dicomweb import DB_TIMEOUT, SERVICES_KEY, SETTINGS_KEY
 
 log = logging.getLogger(__name__)
@@ -52,22 +52,18 @@ async def delete_resource(request: web.Request) -> web.Response:
     if not objects:
         reason = f"no stored instance matches {_target(request)}"
         raise web.HTTPNotFound(reason=reason[:200], text=reason + "\n")
-    await _delete_objects(services.store, objects)
+    await _delete_objects(services.stores, objects)
     return web.Response(status=204)
 
 
-async def _delete_objects(store: ObjectStore, objects: list[tuple[str, str]]) -> None:
+async def _delete_objects(stores: StoreRegistry, objects: list[tuple[str, str]]) -> None:
     """Delete the objects the index no longer names; a failure is logged and left to the orphan sweeper."""
     gate = asyncio.Semaphore(_PARALLEL_DELETES)
 
     async def delete_one(store_name: str, location: str) -> None:
-        if store_name != store.name:
-            log.warning("object %s is in store %r, not %r: left to that store's orphan sweep", location,
-                        store_name, store.name)
-            return
         async with gate:
             try:
-                await store.delete(location, timeout=STORE_TIMEOUT)
+                await stores.for_location(store_name, location).delete(location, timeout=STORE_TIMEOUT)
             except VnaError as exc:
                 log.warning("could not delete object %s (the orphan sweeper will): %s", location, exc)
 

@@ -196,7 +196,7 @@ async def locate_instance(request: web.Request, study: str, series: str, sop: st
 
 async def fetch(request: web.Request, located: LocatedInstance) -> bytes:
     """The stored PS3.10 file of `located`."""
-    store = request.app[dicomweb.SERVICES_KEY].store
+    store = request.app[dicomweb.SERVICES_KEY].stores.for_location(located.store, located.location)
     try:
         return await store.get(located.location, timeout=STORE_TIMEOUT)
     except RemoteError as exc:

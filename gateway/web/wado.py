@@ -124,13 +124,13 @@ async def _locate(request: web.Request) -> list[LocatedInstance]:
 
 
 async def _read(request: web.Request, inst: LocatedInstance) -> bytes:
-    store = request.app[SERVICES_KEY].store
+    store = request.app[SERVICES_KEY].stores.for_location(inst.store, inst.location)
     return await _guarded(store.get(inst.location, timeout=STORE_TIMEOUT))
 
 
 async def _read_range(request: web.Request, inst: LocatedInstance, offset: int, length: int) -> bytes:
     """`length` bytes of the object from `offset` (fewer at its end), without reading the rest."""
-    store = request.app[SERVICES_KEY].store
+    store = request.app[SERVICES_KEY].stores.for_location(inst.store, inst.location)
 
     async def read() -> bytes:
         out = bytearray()
@@ -262,7 +262,7 @@ def _choose_syntaxes(header: str | None, found: list[LocatedInstance],
 
 
 async def _instance_body(request: web.Request, inst: LocatedInstance, ts: str) -> AsyncIterator[bytes]:
-    store = request.app[SERVICES_KEY].store
+    store = request.app[SERVICES_KEY].stores.for_location(inst.store, inst.location)
     if ts == inst.transfer_syntax_uid:
         async for chunk in store.stream(inst.location):
             yield chunk
