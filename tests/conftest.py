@@ -4,6 +4,7 @@ database per test, and the archive objects built on it."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import os
@@ -111,12 +112,17 @@ def settings_for(tmp_path: Path, database_url: str, **overrides: Any) -> Setting
 
 
 @pytest.fixture
-async def vna_factory(tmp_path: Path, database_url: str) -> AsyncIterator[Callable[..., Any]]:
-    """Start servers with extra settings: `rt = await vna_factory(ingest={"duplicate_policy": "keep-newest"})`."""
+async def vna_factory(tmp_path: Path, database_url: str,
+                      store_settings: dict[str, Any]) -> AsyncIterator[Callable[..., Any]]:
+    """Start servers with extra settings: `rt = await vna_factory(ingest={"duplicate_policy": "keep-newest"})`.
+
+    Their object store is `store_settings` (the filesystem unless the test is parametrized with
+    `BOTH_BACKENDS`), with any `storage={...}` given here laid over it."""
     runtimes: list[Runtime] = []
 
     async def start(**overrides: Any) -> Runtime:
-        rt = Runtime(settings_for(tmp_path, database_url, **overrides))
+        storage = {**store_settings, **overrides.pop("storage", {})}
+        rt = Runtime(settings_for(tmp_path, database_url, storage=storage, **overrides))
         await rt.__aenter__()
         runtimes.append(rt)
         return rt
@@ -175,12 +181,61 @@ def rados_settings(cluster: dict[str, Any], **overrides: Any) -> dict[str, Any]:
             "pool": "vna", "op_timeout": 10, **overrides}
 
 
+@contextlib.contextmanager
+def rados_pool(cluster: dict[str, Any], *, pg_num: int = 8) -> Iterator[str]:
+    """A new pool for one test, removed with everything in it afterwards (~0.1 s each way).
+
+    What the test's servers store is then all the pool holds, as the filesystem store's directory of a test
+    holds only its own objects; the orphan sweeper of one test's server never sees another test's objects;
+    and the OSD's memory (memstore) is given back when the pool goes."""
+    import rados  # Debian's python3-rados, only when a test asks for RADOS
+
+    name = f"t-{os.getpid()}-{next(_counter)}"
+    client = rados.Rados(conffile=cluster["conf"], name=cluster["client_name"],
+                         conf={"keyring": cluster["keyring"], "rados_mon_op_timeout": "30",
+                               "rados_osd_op_timeout": "30"})
+    client.connect()
+    try:
+        def mon(prefix: str, **args: Any) -> None:
+            ret, _out, err = client.mon_command(json.dumps({"prefix": prefix, **args}), b"", timeout=30)
+            if ret != 0:
+                raise RuntimeError(f"{prefix} {args}: {err} ({ret})")
+
+        mon("osd pool create", pool=name, pg_num=pg_num, pgp_num=pg_num, pool_type="replicated")
+        mon("osd pool application enable", pool=name, app="vna")
+        with client.open_ioctx(name) as io:  # returns once the pool's placement groups are active
+            io.write_full("probe", b"")
+            io.remove_object("probe")
+        try:
+            yield name
+        finally:
+            mon("osd pool rm", pool=name, pool2=name, yes_i_really_really_mean_it=True)
+    finally:
+        client.shutdown()
+
+
 @pytest.fixture
-def store_settings(request: pytest.FixtureRequest) -> dict[str, Any]:
-    """The `storage` settings of a test server (`vna_factory(storage=store_settings)`): filesystem by default;
-    `@pytest.mark.parametrize("store_settings", ["filesystem", "rados"], indirect=True)` runs a test on both."""
+def store_settings(request: pytest.FixtureRequest) -> Iterator[dict[str, Any]]:
+    """The `storage` settings of a test server (`vna_factory` uses them): filesystem by default;
+    `@BOTH_BACKENDS` (`@pytest.mark.parametrize("store_settings", ["filesystem", "rados"], indirect=True)`)
+    runs a test on both. On RADOS each test gets a pool of its own (`rados_pool`)."""
     backend = getattr(request, "param", "filesystem")
     if backend == "filesystem":
-        return {"backend": "filesystem"}
+        yield {"backend": "filesystem"}
+        return
     assert backend == "rados", backend
-    return {"backend": "rados", "rados": rados_settings(request.getfixturevalue("ceph_cluster"))}
+    cluster = request.getfixturevalue("ceph_cluster")
+    with rados_pool(cluster) as pool:
+        yield {"backend": "rados", "rados": rados_settings(cluster, pool=pool)}
+
+
+BOTH_BACKENDS = pytest.mark.parametrize("store_settings", ["filesystem", "rados"], indirect=True)
+
+
+def storage_env(storage: dict[str, Any], prefix: str = "VNA__STORAGE") -> dict[str, str]:
+    """`storage` settings as the environment of a `vna serve` child: {"VNA__STORAGE__RADOS__POOL": ...}."""
+    env: dict[str, str] = {}
+    for key, value in storage.items():
+        name = f"{prefix}__{key.upper()}"
+        env.update(storage_env(value, name) if isinstance(value, dict) else {name: str(value)})
+    return env

@@ -25,6 +25,8 @@ Two ways in, each followed by a C-GET and a C-MOVE of everything stored:
 
 Files the client or the server refuses are listed below with the reason; a refused instance must
 leave no index row and no object behind.
+
+Every round trip runs on both object stores (the filesystem, and RADOS on the session's Ceph cluster).
 """
 
 from __future__ import annotations
@@ -59,7 +61,8 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove as S
 from archive.index import ApplicationEntity, Index
 from gateway.dimse.negotiation import STORAGE_SOP_CLASSES
 from gateway.runtime import Runtime
-from tests.conftest import DCMTK, run_tool
+from tests.conftest import BOTH_BACKENDS, DCMTK, run_tool
+from tests.stored_objects import StoredObjects
 
 # PS3.4 B.2.3 C-STORE statuses
 SUCCESS = 0x0000
@@ -375,9 +378,8 @@ async def assert_archive_holds_exactly(rt: Runtime, index: Index, expected: dict
                                   "FROM instance")
     assert {r["sop_instance_uid"]: (r["sop_class_uid"], r["transfer_syntax_uid"]) for r in rows} == {
         uid: (s.sop_class, s.transfer_syntax) for uid, s in expected.items()}
-    root = rt.settings.object_root
-    on_disk = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()} if root.exists() else set()
-    assert on_disk == {r["location"] for r in rows}, "objects without an index row (or rows without objects)"
+    stored = await StoredObjects.of(rt.settings).locations()
+    assert stored == {r["location"] for r in rows}, "objects without an index row (or rows without objects)"
     if not expected:
         return
     studies = [r["study_instance_uid"] for r in await index.pool.fetch("SELECT study_instance_uid FROM study")]
@@ -427,6 +429,7 @@ def test_corpus_selection() -> None:
     assert set(RAW_EXPECTED) | set(DCMSEND_EXPECTED) <= set(BY_NAME)
 
 
+@BOTH_BACKENDS
 @pytest.mark.parametrize("group", range(len(GROUPS)))
 async def test_file_bytes_round_trip(group: int, vna: Runtime, index: Index, chunked_send: None) -> None:
     """Each file's data set bytes in, by C-STORE; the same bytes out by C-GET and C-MOVE."""
@@ -441,6 +444,7 @@ async def test_file_bytes_round_trip(group: int, vna: Runtime, index: Index, chu
     await assert_archive_holds_exactly(vna, index, expected)
 
 
+@BOTH_BACKENDS
 @pytest.mark.parametrize("group", range(len(GROUPS)))
 async def test_dcmsend_round_trip(group: int, vna: Runtime, index: Index, tmp_path: Path) -> None:
     """dcmsend in; what dcmsend put on the wire (recorded by storescp +B) out by C-GET and C-MOVE."""
@@ -459,6 +463,7 @@ async def test_dcmsend_round_trip(group: int, vna: Runtime, index: Index, tmp_pa
     await assert_archive_holds_exactly(vna, index, expected)
 
 
+@BOTH_BACKENDS
 async def test_broken_files_fail_and_leave_nothing(vna: Runtime, index: Index, tmp_path: Path,
                                                    chunked_send: None) -> None:
     """pydicom's deliberately broken files: dcmsend will not send them (it parses each file first); their
@@ -478,6 +483,7 @@ async def test_broken_files_fail_and_leave_nothing(vna: Runtime, index: Index, t
     await assert_archive_holds_exactly(vna, index, {})
 
 
+@BOTH_BACKENDS
 async def test_dcmtk_getscu_and_movescu(vna: Runtime, index: Index, tmp_path: Path, chunked_send: None) -> None:
     """dcmtk's own retrieve clients get back the files' data set bytes: getscu (C-GET, written as received
     with +B) for a study of 50 CT images, movescu (C-MOVE) to storescp (+B +xa) for a JPEG 2000 study."""

@@ -3,6 +3,8 @@
 What must hold (the ingest order of archive/ingest.py): every instance that got a success status is
 indexed and retrievable with the bytes that were sent; every index row names an object whose
 sha256 is the indexed digest; objects the crash left without a row are removed by the orphan sweep.
+On both object stores: the filesystem, and RADOS (the child gets the test pool's settings in its
+environment, and the objects are read with librados).
 """
 
 from __future__ import annotations
@@ -28,12 +30,13 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, build_role, evt
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet
 
+from archive.config import Settings
 from archive.database import create_pool
 from archive.index import Index
 from archive.ingest import sweep_orphans
-from archive.objectstore import FileSystemStore
 from metrics.registry import Metrics
-from tests.conftest import DCMTK, run_tool
+from tests.conftest import BOTH_BACKENDS, DCMTK, run_tool, storage_env
+from tests.stored_objects import StoredObjects
 
 REPO = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
@@ -174,8 +177,8 @@ def c_get_study(port: int, study_uid: str) -> tuple[int, dict[str, bytes]]:
     return final, received
 
 
-def sha256_file(path: Path) -> str:
-    return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+def sha256(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 # -- the test ----------------------------------------------------------------------------------------
@@ -185,12 +188,15 @@ TOTAL = 500
 KILL_DELAYS = (0.0, 0.001, 0.002, 0.003)  # seconds after a request is sent (varied across runs)
 
 
-async def test_kill_9_during_storescu_run(tmp_path: Path, database_url: str) -> None:
+@BOTH_BACKENDS
+async def test_kill_9_during_storescu_run(tmp_path: Path, database_url: str, store_settings: dict[str, object]) -> None:
     data_dir = tmp_path / "vna"
     study_uid, files = await asyncio.to_thread(write_ct_series, tmp_path / "in", TOTAL)
     by_path = {str(p): uid for uid, p in files.items()}
+    env = storage_env(store_settings)
+    stored = StoredObjects.of(Settings.load({"data_dir": data_dir, "storage": store_settings}))
 
-    async with vna_process(data_dir, database_url) as vna:
+    async with vna_process(data_dir, database_url, env=env) as vna:
         storescu = await asyncio.create_subprocess_exec(
             str(DCMTK / "storescu"), "-v", "-aet", "CRASHSCU", "-aec", "VNA", HOST, str(vna.dicom_port),
             *map(str, files.values()),
@@ -229,7 +235,6 @@ async def test_kill_9_during_storescu_run(tmp_path: Path, database_url: str) -> 
     assert KILL_AFTER <= len(acknowledged) < TOTAL
 
     # Before restarting: the index and the object store as the crash left them.
-    objects = data_dir / "objects"
     conn = await asyncpg.connect(database_url)
     try:
         rows = await conn.fetch("SELECT sop_instance_uid, location, digest, size FROM instance")
@@ -238,32 +243,38 @@ async def test_kill_9_during_storescu_run(tmp_path: Path, database_url: str) -> 
     indexed = {r["sop_instance_uid"]: r for r in rows}
     missing = set(acknowledged) - set(indexed)
     assert not missing, f"{len(missing)} acknowledged instances are not indexed"
+    on_store = await stored.locations()
     for r in rows:
-        path = objects / r["location"]
-        assert path.is_file(), f"index row {r['sop_instance_uid']} names missing object {r['location']}"
-        assert path.stat().st_size == r["size"]
-        assert sha256_file(path) == r["digest"], f"object {r['location']} does not match its digest"
+        assert r["location"] in on_store, f"index row {r['sop_instance_uid']} names missing object {r['location']}"
+        data = await stored.read(r["location"])
+        assert len(data) == r["size"]
+        assert sha256(data) == r["digest"], f"object {r['location']} does not match its digest"
 
     # An object the index does not name is what a crash between "write object" and "index it"
     # leaves (plus .tmp- files from a write cut short). The kill may or may not have landed in that
-    # window, so add one such object ourselves: a copy stored under the key scheme, never indexed.
-    planted = objects / study_uid / "orphan-series" / "1.2.3.4.5.6.7.8.9.0000000000000000.dcm"
-    planted.parent.mkdir(parents=True)
-    planted.write_bytes(b"\0" * 128 + b"DICM")
-    on_disk = {str(p.relative_to(objects)) for p in objects.rglob("*") if p.is_file()}
-    orphans = on_disk - {r["location"] for r in rows}
-    assert str(planted.relative_to(objects)) in orphans
+    # window, so add one such object ourselves: a copy stored under the key scheme, never indexed
+    # (on RADOS also the parts, without manifest, of a multi-part put cut short).
+    key = f"{study_uid}/orphan-series/1.2.3.4.5.6.7.8.9.0000000000000000.dcm"
+    async with stored.store() as store:
+        planted = {(await store.put(key, [b"\0" * 128 + b"DICM"], timeout=10)).location}
+    if stored.backend == "rados":
+        for n in range(2):
+            await stored.write_raw(f"{stored.pool}/{key}-cut.part-{n:04d}", b"\0" * 1000)
+            planted.add(f"{stored.pool}/{key}-cut.part-{n:04d}")
+    orphans = await stored.locations() - {r["location"] for r in rows}
+    assert planted <= orphans
 
     pool = await create_pool(database_url, min_size=1, max_size=2, command_timeout=30)
     try:
-        removed = await sweep_orphans(Index(pool), FileSystemStore(objects), grace_seconds=0, metrics=Metrics())
+        async with stored.store() as store:
+            removed = await sweep_orphans(Index(pool), store, grace_seconds=0, metrics=Metrics())
     finally:
         await pool.close()
     assert removed == len(orphans)
-    assert {str(p.relative_to(objects)) for p in objects.rglob("*") if p.is_file()} == {r["location"] for r in rows}
+    assert await stored.locations() == {r["location"] for r in rows}
 
     # Restart on the same data directory and database: everything acknowledged comes back, byte for byte.
-    async with vna_process(data_dir, database_url) as vna:
+    async with vna_process(data_dir, database_url, env=env) as vna:
         status, received = await asyncio.to_thread(c_get_study, vna.dicom_port, study_uid)
         assert status == 0x0000  # PS3.4 C.4.3.3: every sub-operation completed
         assert set(received) == set(indexed)

@@ -4,6 +4,7 @@ dicomweb-client's `delete_study`, `delete_series` and `delete_instance` (0.61.2)
 What must hold: what is deleted is gone for every protocol (QIDO-RS, C-FIND) and its object file is
 gone; what is not named stays; the series, study and patient left empty go too; unknown UIDs are 404;
 a disabled delete is 405 with an Allow header (RFC 9110 15.5.6) and leaves everything in place.
+Every test runs on both object stores (filesystem, RADOS).
 """
 
 from __future__ import annotations
@@ -20,8 +21,11 @@ from pydicom.uid import generate_uid
 
 from archive.index import Index
 from gateway.runtime import Runtime
-from tests.conftest import DCMTK, run_tool
+from tests.conftest import BOTH_BACKENDS, DCMTK, run_tool
+from tests.stored_objects import StoredObjects
 from tests.test_stow import locate, make_instance, multipart, object_files, post, root, stored_sops, uids_of
+
+pytestmark = BOTH_BACKENDS
 
 
 @pytest.fixture
@@ -59,23 +63,23 @@ async def test_delete_instance_series_study_with_dicomweb_client(vna: Runtime, i
     b1 = make_instance(study=study, series=series_b, patient_id="DEL1")
     other = make_instance(patient_id="DEL2")  # another patient's study: never touched
     await stow(vna, http, [a1, a2, b1, other])
-    files = {uids_of(f)[1]: vna.settings.object_root / (await locate(index, uids_of(f)[1]))[0].location
-             for f in (a1, a2, b1, other)}
+    files = {uids_of(f)[1]: (await locate(index, uids_of(f)[1]))[0].location for f in (a1, a2, b1, other)}
     sop_a1, sop_a2, sop_b1, sop_other = (uids_of(f)[1] for f in (a1, a2, b1, other))
-    assert all(p.exists() for p in files.values())
+    objects = StoredObjects.of(vna.settings)
+    assert set(files.values()) <= await objects.locations()
 
     # one instance: gone from QIDO-RS, from C-FIND and from the object store; its series stays
     await asyncio.to_thread(_client(vna).delete_instance, study, series_a, sop_a1)
     assert await stored_sops(vna, http) == {sop_a2, sop_b1, sop_other}
     answer = await c_find_images(vna, study)
     assert sop_a1 not in answer and sop_a2 in answer and sop_b1 in answer
-    assert not files[sop_a1].exists() and files[sop_a2].exists()
+    assert not await objects.exists(files[sop_a1]) and await objects.exists(files[sop_a2])
     assert await table_sizes(index) == {"patient": 2, "study": 2, "series": 3, "instance": 3}
 
     # a series: its last instance goes, and the emptied series row with it
     await asyncio.to_thread(_client(vna).delete_series, study, series_a)
     assert await stored_sops(vna, http) == {sop_b1, sop_other}
-    assert not files[sop_a2].exists()
+    assert not await objects.exists(files[sop_a2])
     assert await table_sizes(index) == {"patient": 2, "study": 2, "series": 2, "instance": 2}
     async with http.get(f"{root(vna)}/studies/{study}/series") as r:
         assert [s["0020000E"]["Value"][0] for s in await r.json(content_type=None)] == [series_b]
@@ -84,9 +88,9 @@ async def test_delete_instance_series_study_with_dicomweb_client(vna: Runtime, i
     await asyncio.to_thread(_client(vna).delete_study, study)
     assert await stored_sops(vna, http) == {sop_other}
     assert sop_b1 not in await c_find_images(vna, study)
-    assert not files[sop_b1].exists() and files[sop_other].exists()
+    assert not await objects.exists(files[sop_b1]) and await objects.exists(files[sop_other])
     assert await table_sizes(index) == {"patient": 1, "study": 1, "series": 1, "instance": 1}
-    assert object_files(vna) == [files[sop_other]]
+    assert await objects.locations() == {files[sop_other]}
 
 
 async def test_delete_of_a_whole_study_in_one_request(vna: Runtime, index: Index, http: aiohttp.ClientSession) -> None:
@@ -96,7 +100,7 @@ async def test_delete_of_a_whole_study_in_one_request(vna: Runtime, index: Index
     async with http.delete(f"{root(vna)}/studies/{study}") as r:
         assert r.status == 204 and await r.read() == b""
     assert await stored_sops(vna, http) == set()
-    assert object_files(vna) == []
+    assert await object_files(vna) == []
     assert await table_sizes(index) == {"patient": 0, "study": 0, "series": 0, "instance": 0}
     # deleting again: nothing matches any more
     async with http.delete(f"{root(vna)}/studies/{study}") as r:
@@ -123,7 +127,7 @@ async def test_unknown_or_mismatched_uids_are_404_and_delete_nothing(vna: Runtim
             assert r.status == 404, path
             assert "no stored instance matches" in (r.reason or ""), path
     assert len(await stored_sops(vna, http)) == 2
-    assert len(object_files(vna)) == 2
+    assert len(await object_files(vna)) == 2
     # dicomweb-client raises the HTTP error it gets
     with pytest.raises(requests.HTTPError) as raised:
         await asyncio.to_thread(_client(vna).delete_instance, study, series, generate_uid())
@@ -143,7 +147,7 @@ async def test_delete_disabled_is_405_and_keeps_everything(vna_factory: Any, htt
             assert "allow_delete" in (r.reason or "")
             assert "DELETE" not in r.headers["Allow"] and "GET" in r.headers["Allow"]
     assert await stored_sops(rt, http) == {sop}
-    assert len(object_files(rt)) == 1
+    assert len(await object_files(rt)) == 1
 
 
 async def test_an_object_already_missing_does_not_stop_the_delete(vna: Runtime, index: Index,
@@ -153,7 +157,7 @@ async def test_an_object_already_missing_does_not_stop_the_delete(vna: Runtime, 
     await stow(vna, http, files)
     _, sop, study, _ = uids_of(files[0])
     [located] = await locate(index, sop)
-    (vna.settings.object_root / located.location).unlink()
+    await StoredObjects.of(vna.settings).remove(located.location)
     async with http.delete(f"{root(vna)}/studies/{study}") as r:
         assert r.status == 204
     assert await stored_sops(vna, http) == {uids_of(files[1])[1]}

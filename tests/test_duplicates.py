@@ -9,7 +9,8 @@ stated in its Conformance Statement, PS3.4 B.4); vna's policy (archive/config.py
   and the object of the old one is deleted;
 - however many associations send at once, one index row and one object remain.
 
-Checked through the archive API (`make_ingestor`) and through DIMSE (dcmtk storescu, pynetdicom).
+Checked through the archive API (`make_ingestor`) and through DIMSE (dcmtk storescu, pynetdicom), the
+DIMSE cases on both object stores (filesystem and RADOS).
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ from archive.errors import DuplicateConflict
 from archive.index import Index
 from archive.objectstore import FileSystemStore
 from gateway.runtime import Runtime
-from tests.conftest import DCMTK, make_ingestor, run_tool
+from tests.conftest import BOTH_BACKENDS, DCMTK, make_ingestor, run_tool
+from tests.stored_objects import StoredObjects
 
 SUCCESS = 0x0000
 CONFLICT = 0xC011  # vna's C-STORE status for other content under a stored SOP Instance UID
@@ -68,14 +70,16 @@ async def rows(index: Index) -> list[Any]:
                                   "FROM instance")
 
 
-async def assert_one_instance(index: Index, store_root: Path, data: bytes, ts: str = EXPLICIT_LE) -> str:
-    """Exactly one index row and one object, and that object's data set is `data`; returns its location."""
+async def assert_one_instance(index: Index, store: Path | StoredObjects, data: bytes, ts: str = EXPLICIT_LE) -> str:
+    """Exactly one index row and one object, and that object's data set is `data`; returns its location.
+    `store`: a filesystem store's root, or a server's store on either backend."""
+    stored = store if isinstance(store, StoredObjects) else StoredObjects(root=store)
     found = await rows(index)
     assert len(found) == 1, found
     row = found[0]
     assert row["transfer_syntax_uid"] == ts
-    assert objects(store_root) == {row["location"]}
-    assert (store_root / row["location"]).read_bytes()[row["dataset_offset"]:] == data
+    assert await stored.locations() == {row["location"]}
+    assert (await stored.read(row["location"]))[row["dataset_offset"]:] == data
     return row["location"]
 
 
@@ -231,6 +235,7 @@ def chunked_send(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(pynetdicom_config, "STORE_SEND_CHUNKED_DATASET", True)
 
 
+@BOTH_BACKENDS
 async def test_dimse_same_instance_again(vna: Runtime, index: Index, chunked_send: None) -> None:
     """storescu three times, from two AE titles: every C-STORE succeeds, and there is one instance."""
     port = str(vna.ports.dicom)
@@ -243,48 +248,52 @@ async def test_dimse_same_instance_again(vna: Runtime, index: Index, chunked_sen
     assert rsp[0].Status == CONFLICT
 
 
+@BOTH_BACKENDS
 async def test_dimse_same_bytes_again(vna: Runtime, index: Index, chunked_send: None) -> None:
     data = dataset_bytes(MR_SMALL)
     for calling_ae in ("MODALITY", "MODALITY", "OTHER"):
         rsp = await asyncio.to_thread(c_store, vna.ports.dicom, [MR_SMALL, MR_SMALL], calling_ae)
         assert [r.Status for r in rsp] == [SUCCESS, SUCCESS]
-    await assert_one_instance(index, vna.settings.object_root, data)
+    await assert_one_instance(index, StoredObjects.of(vna.settings), data)
     assert await retrieve(vna) == [(EXPLICIT_LE, data)]
 
 
+@BOTH_BACKENDS
 async def test_dimse_other_content_rejected(vna: Runtime, index: Index, tmp_path: Path, chunked_send: None) -> None:
     original = dataset_bytes(MR_SMALL)
     rsp = await asyncio.to_thread(c_store, vna.ports.dicom, [MR_SMALL, variant(tmp_path, "changed"),
                                                              MR_SMALL_BIG_ENDIAN, MR_SMALL])
     assert [r.Status for r in rsp] == [SUCCESS, CONFLICT, CONFLICT, SUCCESS]
     assert rsp[1].ErrorComment.startswith("SOP Instance")
-    await assert_one_instance(index, vna.settings.object_root, original)
+    await assert_one_instance(index, StoredObjects.of(vna.settings), original)
     assert await retrieve(vna) == [(EXPLICIT_LE, original)]
     # and from dcmtk: storescu gets the failure status and exits non-zero
     failed = await run_tool(DCMTK / "storescu", "-v", "-aet", "STORESCU", "-aec", "VNA", "127.0.0.1",
                             str(vna.ports.dicom), variant(tmp_path, "by-storescu"), check=False)
     assert failed.returncode != 0
     assert "Received Store Response (Error: CannotUnderstand)" in failed.stderr  # dcmtk's name for 0xCxxx
-    await assert_one_instance(index, vna.settings.object_root, original)
+    await assert_one_instance(index, StoredObjects.of(vna.settings), original)
 
 
+@BOTH_BACKENDS
 async def test_dimse_keep_newest(vna_factory: Any, index: Index, tmp_path: Path, chunked_send: None) -> None:
     rt = await vna_factory(ingest={"duplicate_policy": "keep-newest"})
     await asyncio.to_thread(c_store, rt.ports.dicom, [MR_SMALL])
-    old = await assert_one_instance(index, rt.settings.object_root, dataset_bytes(MR_SMALL))
+    old = await assert_one_instance(index, StoredObjects.of(rt.settings), dataset_bytes(MR_SMALL))
     newer = variant(tmp_path, "newer")
     rsp = await asyncio.to_thread(c_store, rt.ports.dicom, [newer])
     assert rsp[0].Status == SUCCESS
-    assert await assert_one_instance(index, rt.settings.object_root, dataset_bytes(newer)) != old
+    assert await assert_one_instance(index, StoredObjects.of(rt.settings), dataset_bytes(newer)) != old
     assert await retrieve(rt) == [(EXPLICIT_LE, dataset_bytes(newer))]
     # the same instance in another transfer syntax replaces it too, and comes back in that syntax
     rsp = await asyncio.to_thread(c_store, rt.ports.dicom, [MR_SMALL_BIG_ENDIAN])
     assert rsp[0].Status == SUCCESS
     big = dataset_bytes(MR_SMALL_BIG_ENDIAN)
-    await assert_one_instance(index, rt.settings.object_root, big, BIG_ENDIAN)
+    await assert_one_instance(index, StoredObjects.of(rt.settings), big, BIG_ENDIAN)
     assert await retrieve(rt) == [(BIG_ENDIAN, big)]
 
 
+@BOTH_BACKENDS
 @pytest.mark.parametrize("policy", [p.value for p in DuplicatePolicy])
 async def test_dimse_concurrent_resends(vna_factory: Any, index: Index, chunked_send: None, policy: str) -> None:
     """Eight associations (four AE titles) send one instance three times each, all at once: every
@@ -298,10 +307,11 @@ async def test_dimse_concurrent_resends(vna_factory: Any, index: Index, chunked_
                                                               f"SCU{n % 4}") for n in range(8)))
     assert [r.Status for rsp in results for r in rsp] == [SUCCESS] * 24
     data = dataset_bytes(MR_SMALL)
-    await assert_one_instance(index, rt.settings.object_root, data)
+    await assert_one_instance(index, StoredObjects.of(rt.settings), data)
     assert await retrieve(rt) == [(EXPLICIT_LE, data)]
 
 
+@BOTH_BACKENDS
 @pytest.mark.parametrize("policy", [p.value for p in DuplicatePolicy])
 async def test_dimse_concurrent_storescu(vna_factory: Any, index: Index, policy: str) -> None:
     """Six storescu processes (three AE titles) send the same file at once: all succeed, one instance."""
@@ -310,4 +320,4 @@ async def test_dimse_concurrent_storescu(vna_factory: Any, index: Index, policy:
                                     str(rt.ports.dicom), MR_SMALL, MR_SMALL) for n in range(6)))
     found = await rows(index)
     assert len(found) == 1
-    assert objects(rt.settings.object_root) == {found[0]["location"]}
+    assert await StoredObjects.of(rt.settings).locations() == {found[0]["location"]}

@@ -377,8 +377,9 @@ async def test_storescu_then_c_get_returns_the_instances_bit_identical(
     backend = store_settings["backend"]
     assert {i.store for i in located} == {backend}
     if backend == "rados":
-        assert all(i.location.startswith("vna/") for i in located)
-        names = set((await rados_cli({"conf": store_settings["rados"]["conffile"]}, "-p", "vna", "ls")).split())
+        pool = store_settings["rados"]["pool"]  # the test's own (tests/conftest.py rados_pool)
+        assert all(i.location.startswith(f"{pool}/") for i in located)
+        names = set((await rados_cli({"conf": store_settings["rados"]["conffile"]}, "-p", pool, "ls")).split())
         big = max(located, key=lambda i: i.size)
         key = big.location.split("/", 1)[1]
         assert {f"{key}.part-{n:04d}" for n in range(9)} <= names and f"{key}.part-0009" not in names

@@ -1,7 +1,7 @@
 """WADO-RS rendered and thumbnail resources against a live server (PS3.18 10.4.1.1.3-4, 8.3.5.1;
 Supplement 203). Objects are stored with dcmtk's dcmsend (each file in its own transfer syntax); the
 expected pixels are computed here with numpy from pydicom's decoding, independently of
-archive.rendering."""
+archive.rendering. Every test runs on both object stores (filesystem, RADOS)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,9 @@ from pydicom.uid import generate_uid
 from archive.attributes import Level
 from archive.index import Index
 from archive.query import Query, QueryKey
-from tests.conftest import DCMTK, run_tool
+from tests.conftest import BOTH_BACKENDS, DCMTK, run_tool
+
+pytestmark = BOTH_BACKENDS
 
 CT = get_testdata_file("CT_small.dcm")
 MR = get_testdata_file("MR_small.dcm")                       # WindowCenter 600, WindowWidth 1600

@@ -5,7 +5,7 @@ alone, on annotated byte literals.
 What must hold (PS3.18 10.5.3.1, I.2.2): 200 when every instance is stored, 202 when some are, 409
 when none is for DICOM reasons, 400 when the body cannot be parsed, 415 for another media type; a
 bad part never keeps the good parts of the same request from being stored, and nothing of a bad
-part is stored.
+part is stored. The tests that look at the stored objects run on both object stores (filesystem, RADOS).
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ from archive.index import Index
 from archive.query import Query, QueryKey
 from gateway.runtime import Runtime
 from gateway.web.multipart_reader import BodyParser, MultipartError, PartData, PartEnd, PartStart
-from tests.conftest import DCMTK, run_tool
+from tests.conftest import BOTH_BACKENDS, DCMTK, run_tool
+from tests.stored_objects import StoredObjects
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
@@ -126,8 +127,9 @@ async def stored_sops(rt: Runtime, http: aiohttp.ClientSession) -> set[str]:
         return {value(item, "00080018") for item in await r.json(content_type=None)}
 
 
-def object_files(rt: Runtime) -> list[Path]:
-    return sorted(p for p in rt.settings.object_root.rglob("*") if p.is_file())
+async def object_files(rt: Runtime) -> list[bytes]:
+    """The bytes of every object in the server's store, in the order of their locations."""
+    return list((await StoredObjects.of(rt.settings).contents()).values())
 
 
 async def locate(index: Index, sop: str) -> list[Any]:
@@ -214,6 +216,7 @@ def _client_search(url: str, study: str) -> list[dict[str, Any]]:
     return DICOMwebClient(url=url).search_for_instances(study_instance_uid=study)
 
 
+@BOTH_BACKENDS
 async def test_dicomweb_client_stores_and_every_protocol_finds_it(vna: Runtime, index: Index) -> None:
     study = generate_uid()
     files = [make_instance(study=study, patient_id="DWC1") for _ in range(2)]
@@ -244,7 +247,7 @@ async def test_dicomweb_client_stores_and_every_protocol_finds_it(vna: Runtime, 
     sent = {pydicom.dcmread(BytesIO(f)).SOPInstanceUID: f for f in files}
     for sop in refs:
         [located] = await locate(index, sop)
-        assert (vna.settings.object_root / located.location).read_bytes() == sent[sop]
+        assert await StoredObjects.of(vna.settings).read(located.location) == sent[sop]
 
 
 async def test_dicomweb_client_cli_store_instances(vna: Runtime, tmp_path: Path, http: aiohttp.ClientSession) -> None:
@@ -258,6 +261,7 @@ async def test_dicomweb_client_cli_store_instances(vna: Runtime, tmp_path: Path,
     assert await stored_sops(vna, http) == {uids_of(p.read_bytes())[1] for p in paths}
 
 
+@BOTH_BACKENDS
 async def test_cstore_then_stow_of_the_same_instance_is_a_success(vna: Runtime, tmp_path: Path,
                                                                    http: aiohttp.ClientSession) -> None:
     path = tmp_path / "dup.dcm"
@@ -271,8 +275,8 @@ async def test_cstore_then_stow_of_the_same_instance_is_a_success(vna: Runtime, 
     assert [value(i, "00081155") for i in seq(payload, "00081199")] == [sop]
     assert "00081198" not in payload
     assert await stored_sops(vna, http) == {sop}
-    [kept] = object_files(vna)  # the copy received first (over C-STORE, from AE "SCU") stays, alone
-    assert pydicom.dcmread(kept).file_meta.SourceApplicationEntityTitle == "SCU"
+    [kept] = await object_files(vna)  # the copy received first (over C-STORE, from AE "SCU") stays, alone
+    assert pydicom.dcmread(BytesIO(kept)).file_meta.SourceApplicationEntityTitle == "SCU"
 
 
 # -- raw HTTP: every refused input gets the right status and a reason ---------------------------------
@@ -344,7 +348,7 @@ async def test_malformed_multipart_is_400_with_a_reason_and_stores_nothing(vna: 
         assert status == 400, (name, status, payload)
         assert reason and reason != "Bad Request", name
     assert await stored_sops(vna, http) == set()
-    assert object_files(vna) == []
+    assert await object_files(vna) == []
 
 
 async def test_huge_request_headers_are_refused(vna: Runtime, http: aiohttp.ClientSession) -> None:
@@ -355,6 +359,7 @@ async def test_huge_request_headers_are_refused(vna: Runtime, http: aiohttp.Clie
     assert await stored_sops(vna, http) == set()
 
 
+@BOTH_BACKENDS
 async def test_bad_parts_among_good_ones_202_good_stored_bad_not(vna: Runtime, index: Index,
                                                                  http: aiohttp.ClientSession) -> None:
     good = [make_instance(patient_id="MIX1") for _ in range(3)]
@@ -389,10 +394,11 @@ async def test_bad_parts_among_good_ones_202_good_stored_bad_not(vna: Runtime, i
         assert text in warning, text
     # good parts stored, nothing from the bad ones
     assert await stored_sops(vna, http) == {uids_of(g)[1] for g in good}
-    assert len(object_files(vna)) == 3
+    assert len(await object_files(vna)) == 3
     assert await index.count_instances(timeout=10) == 3
 
 
+@BOTH_BACKENDS
 async def test_a_truncated_body_keeps_the_complete_parts_before_it(vna: Runtime, http: aiohttp.ClientSession) -> None:
     first, second = make_instance(), make_instance()
     body = multipart(first, second, close=False)
@@ -403,15 +409,16 @@ async def test_a_truncated_body_keeps_the_complete_parts_before_it(vna: Runtime,
     assert [value(i, "00081155") for i in seq(payload, "00081199")] == [uids_of(first)[1]]
     assert [value(i, "00081197") for i in seq(payload, "00081198")] == [0xC000]
     assert await stored_sops(vna, http) == {uids_of(first)[1]}
-    assert len(object_files(vna)) == 1
+    assert len(await object_files(vna)) == 1
 
 
+@BOTH_BACKENDS
 async def test_none_stored_for_dicom_reasons_is_409(vna: Runtime, http: aiohttp.ClientSession) -> None:
     url = f"{root(vna)}/studies"
     original = make_instance(description="first")
     sop_class, sop, study, series = uids_of(original)
     assert (await post(http, url, multipart(original)))[0] == 200
-    before = object_files(vna)
+    before = await object_files(vna)
 
     # PS3.18 10.5.3.1: 409 "unable to store any Instances due to a conflict in the request"
     changed = make_instance(sop=sop, study=study, series=series, description="second")
@@ -436,8 +443,8 @@ async def test_none_stored_for_dicom_reasons_is_409(vna: Runtime, http: aiohttp.
 
     # nothing changed: the first instance, as first stored, is the only one
     assert await stored_sops(vna, http) == {sop}
-    assert object_files(vna) == before
-    assert before[0].read_bytes() == original
+    assert await object_files(vna) == before
+    assert before[0] == original
 
 
 async def test_store_into_a_study_checks_the_study_instance_uid(vna: Runtime, http: aiohttp.ClientSession) -> None:
@@ -474,6 +481,7 @@ async def _chunks(body: bytes, size: int) -> AsyncIterator[bytes]:
         yield body[i:i + size]
 
 
+@BOTH_BACKENDS
 async def test_bodies_beyond_max_stow_bytes_are_413(vna_factory: Any, http: aiohttp.ClientSession) -> None:
     rt = await vna_factory(dicomweb={"max_stow_bytes": 64 * 1024})
     url = f"{root(rt)}/studies"
@@ -487,9 +495,10 @@ async def test_bodies_beyond_max_stow_bytes_are_413(vna_factory: Any, http: aioh
     assert [value(i, "00081155") for i in seq(payload, "00081199")] == [uids_of(small)[1]]
     assert [value(i, "00081197") for i in seq(payload, "00081198")] == [0xA700]
     assert await stored_sops(rt, http) == {uids_of(small)[1]}
-    assert len(object_files(rt)) == 1
+    assert len(await object_files(rt)) == 1
 
 
+@BOTH_BACKENDS
 async def test_large_parts_spill_to_disk_and_are_stored_as_received(vna_factory: Any, index: Index,
                                                                     http: aiohttp.ClientSession) -> None:
     rt = await vna_factory(dicomweb={"stow_spill_bytes": 1024})
@@ -498,9 +507,10 @@ async def test_large_parts_spill_to_disk_and_are_stored_as_received(vna_factory:
     assert status == 200, payload
     for data in files:
         [located] = await locate(index, uids_of(data)[1])
-        assert (rt.settings.object_root / located.location).read_bytes() == data
+        assert await StoredObjects.of(rt.settings).read(located.location) == data
 
 
+@BOTH_BACKENDS
 async def test_a_client_gone_mid_body_leaves_only_its_complete_parts(vna: Runtime, index: Index,
                                                                      http: aiohttp.ClientSession) -> None:
     first, second = make_instance(), make_instance(rows=64)
@@ -517,7 +527,7 @@ async def test_a_client_gone_mid_body_leaves_only_its_complete_parts(vna: Runtim
     await writer.wait_closed()
     await asyncio.sleep(0.3)
     assert await stored_sops(vna, http) == {uids_of(first)[1]}
-    assert len(object_files(vna)) == 1
+    assert len(await object_files(vna)) == 1
 
 
 async def test_a_failing_object_store_is_a_processing_failure(vna: Runtime, http: aiohttp.ClientSession) -> None:

@@ -4,7 +4,7 @@ with dicomweb-client (the reference Python client) and with raw HTTP for what it
 The test data are pydicom's sample files (native, big endian, multi-frame, JPEG baseline, JPEG 2000,
 JPEG-LS, RLE), each given fresh UIDs so one study holds them all; they are stored over DIMSE by
 pynetdicom from the file (STORE_SEND_CHUNKED_DATASET: the data set bytes go on the wire unchanged),
-so "as stored" must come back byte for byte.
+so "as stored" must come back byte for byte. Every test runs on both object stores (filesystem, RADOS).
 """
 
 from __future__ import annotations
@@ -30,8 +30,12 @@ from pynetdicom import _config as pynetdicom_config
 
 from archive.instance import split_part10
 from archive.objectstore import FileSystemStore
+from archive.rados_store import RadosStore
 from gateway.runtime import Runtime
 from gateway.web import wado
+from tests.conftest import BOTH_BACKENDS
+
+pytestmark = BOTH_BACKENDS
 
 ELE = "1.2.840.10008.1.2.1"
 J2K_LOSSLESS = "1.2.840.10008.1.2.4.90"
@@ -446,6 +450,18 @@ async def test_bulk_data_ranges(url: str, samples: dict[str, Sample]) -> None:
     assert status == 406
 
 
+def count_whole_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The locations of every whole-object read (`get`) from now on, on either backend."""
+    whole_reads: list[str] = []
+    for cls in (FileSystemStore, RadosStore):
+        async def counting_get(self: Any, location: str, _original: Any = cls.get, **kwargs: Any) -> bytes:
+            whole_reads.append(location)
+            return await _original(self, location, **kwargs)
+
+        monkeypatch.setattr(cls, "get", counting_get)
+    return whole_reads
+
+
 # -- instances without pixel data, bulk data inside sequences, implicit VR multi-frame ---------------
 
 async def test_other_instances(vna: Runtime, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -483,14 +499,7 @@ async def test_large_header_and_frames_read_alone(vna: Runtime, tmp_path: Path,
     """A multi-frame instance whose elements before the pixel data outgrow the first reads: native
     frames and ranges of the pixel data are then read alone, never the whole object."""
     monkeypatch.setattr(wado, "HEADER_READ", 4096)
-    whole_reads = []
-    original_get = FileSystemStore.get
-
-    async def counting_get(self: FileSystemStore, location: str, **kwargs: Any) -> bytes:
-        whole_reads.append(location)
-        return await original_get(self, location, **kwargs)
-
-    monkeypatch.setattr(FileSystemStore, "get", counting_get)
+    whole_reads = count_whole_reads(monkeypatch)
     others = _prepare(tmp_path, [("emri_small.dcm", "mf", 1)])
     s = others["emri_small.dcm"]
     ds = pydicom.dcmread(s.path)
@@ -519,14 +528,7 @@ async def test_compressed_frames_read_alone_by_offset_table(vna: Runtime, tmp_pa
     """PS3.5 A.4: a Basic (or Extended) Offset Table locates each frame's fragments, so a frame of a
     compressed multi-frame object is read alone; without one the fragments are walked."""
     monkeypatch.setattr(wado, "HEADER_READ", 1024)
-    whole_reads: list[str] = []
-    original_get = FileSystemStore.get
-
-    async def counting_get(self: FileSystemStore, location: str, **kwargs: Any) -> bytes:
-        whole_reads.append(location)
-        return await original_get(self, location, **kwargs)
-
-    monkeypatch.setattr(FileSystemStore, "get", counting_get)
+    whole_reads = count_whole_reads(monkeypatch)
     source = get_testdata_file("emri_small_jpeg_2k_lossless.dcm")
     bitstreams = list(generate_frames(pydicom.dcmread(source).PixelData, number_of_frames=10))
     study, series = generate_uid(), generate_uid()

@@ -16,6 +16,8 @@ from pydicom.uid import generate_uid
 from archive.attributes import Level
 from archive.index import Index
 from archive.query import Query, QueryKey
+from tests.conftest import BOTH_BACKENDS
+from tests.stored_objects import StoredObjects
 from tests.test_rendered import (CT, EMRI, J2K, assert_rounds_to, decoded, instance_url, linear_window, min_max,
                                  send, uids, variant)
 
@@ -39,9 +41,10 @@ async def stored_file(rt, index: Index, path: str | Path) -> bytes:
     """The object as the archive stored it (read from the object store, not over HTTP)."""
     sop = uids(path)[2]
     [located] = await index.locate(Query(level=Level.IMAGE, keys=(QueryKey(0x00080018, "UI", sop),)), timeout=10)
-    return (rt.settings.object_root / located.location).read_bytes()
+    return await StoredObjects.of(rt.settings).read(located.location)
 
 
+@BOTH_BACKENDS
 async def test_application_dicom_is_the_stored_file(vna, index: Index) -> None:
     await send(vna, CT, J2K)
     ct_stored, j2k_stored = await stored_file(vna, index, CT), await stored_file(vna, index, J2K)

@@ -1,0 +1,177 @@
+"""What a vna server's object store holds, seen from outside vna, on either backend.
+
+Tests that check the objects themselves (nothing left behind, the bytes stored as received, an object
+removed) use `StoredObjects.of(rt.settings)`: on the filesystem the files under the store's root (a
+location is the path relative to it), on RADOS the objects of the server's pool read with librados
+directly (a location is `<pool>/<key>`), not through vna's own RadosStore. For RADOS it follows the
+layout documented in archive/rados_store.py: an object `key` whose extended attribute `vna.manifest`
+gives its size and SHA-256, holding the bytes itself ("inline") or, for larger ones, the JSON manifest
+of its parts `key.part-NNNN`.
+
+`locations()` lists what an orphan sweep would see: every object, plus parts whose manifest object does
+not exist (an interrupted put); parts of a whole object are part of it, not listed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import re
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+from archive.config import RadosSettings, Settings, StorageBackend
+from archive.objectstore import FileSystemStore, ObjectStore
+
+MANIFEST_XATTR = "vna.manifest"
+PART_SUFFIX = re.compile(r"\.part-\d{4,}$")
+
+T = TypeVar("T")
+
+
+class StoredObjects:
+    """The objects of one store: `await view.locations()`, `await view.read(location)`, ..."""
+
+    def __init__(self, *, root: Path | None = None, rados: RadosSettings | None = None) -> None:
+        assert (root is None) != (rados is None)
+        self.root = root
+        self.rados = rados
+
+    @classmethod
+    def of(cls, settings: Settings) -> StoredObjects:
+        """The store a server with these settings writes to (`rt.settings`)."""
+        if settings.storage.backend is StorageBackend.rados:
+            return cls(rados=settings.storage.rados)
+        return cls(root=settings.object_root)
+
+    @property
+    def backend(self) -> str:
+        return "rados" if self.rados is not None else "filesystem"
+
+    # -- reading -----------------------------------------------------------------------------------------
+
+    async def locations(self) -> set[str]:
+        """Every object in the store, by the location the index would name it."""
+        if self.root is not None:
+            root = self.root
+            return await asyncio.to_thread(
+                lambda: {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
+                if root.exists() else set())
+
+        def listing(io: Any) -> set[str]:
+            names = {o.key for o in io.list_objects()}
+            return {f"{self.pool}/{n}" for n in names
+                    if not PART_SUFFIX.search(n) or PART_SUFFIX.sub("", n) not in names}
+        return await self._with_ioctx(listing)
+
+    async def read(self, location: str) -> bytes:
+        """The whole object; on RADOS its size and SHA-256 are checked against its manifest."""
+        if self.root is not None:
+            return await asyncio.to_thread((self.root / location).read_bytes)
+        return await self._with_ioctx(lambda io: self._read_rados(io, self._key(location)))
+
+    async def contents(self) -> dict[str, bytes]:
+        """location -> bytes of every object (for tests that store a few small ones)."""
+        if self.root is not None:
+            return {loc: await self.read(loc) for loc in sorted(await self.locations())}
+        locations = await self.locations()
+        return await self._with_ioctx(
+            lambda io: {loc: self._read_rados(io, self._key(loc)) for loc in sorted(locations)})
+
+    async def exists(self, location: str) -> bool:
+        return location in await self.locations()
+
+    # -- changing it behind vna's back -------------------------------------------------------------------
+
+    async def remove(self, location: str) -> None:
+        """Remove an object (and its parts) as an operator's mistake or a lost disk would."""
+        if self.root is not None:
+            await asyncio.to_thread((self.root / location).unlink)
+            return
+
+        def remove(io: Any) -> None:
+            key = self._key(location)
+            names = {o.key for o in io.list_objects()}
+            for name in sorted(n for n in names if n == key or PART_SUFFIX.sub("", n) == key):
+                io.remove_object(name)
+        await self._with_ioctx(remove)
+
+    async def write_raw(self, location: str, data: bytes) -> None:
+        """A file, or a RADOS object without manifest (what an interrupted write leaves)."""
+        if self.root is not None:
+            path = self.root / location
+            path.parent.mkdir(parents=True, exist_ok=True)
+            await asyncio.to_thread(path.write_bytes, data)
+            return
+        await self._with_ioctx(lambda io: io.write_full(self._key(location), data))
+
+    @contextlib.asynccontextmanager
+    async def store(self) -> AsyncIterator[ObjectStore]:
+        """vna's own store on the same place (to plant objects as vna writes them, or to sweep)."""
+        if self.root is not None:
+            yield FileSystemStore(self.root)
+            return
+        from archive.rados_store import RadosStore
+        store = await RadosStore.open(self.rados)  # type: ignore[arg-type]
+        try:
+            yield store
+        finally:
+            await store.close()
+
+    # -- RADOS -------------------------------------------------------------------------------------------
+
+    @property
+    def pool(self) -> str:
+        assert self.rados is not None
+        return self.rados.pool
+
+    def _key(self, location: str) -> str:
+        pool, _, key = location.partition("/")
+        assert pool == self.pool and key, f"{location!r} is not a location in pool {self.pool!r}"
+        return key
+
+    async def _with_ioctx(self, work: Callable[[Any], T]) -> T:
+        return await asyncio.to_thread(self._run, work)
+
+    def _run(self, work: Callable[[Any], T]) -> T:
+        with _ioctx(self.rados, self.pool) as io:  # type: ignore[arg-type]
+            return work(io)
+
+    @staticmethod
+    def _read_rados(io: Any, key: str) -> bytes:
+        head = json.loads(io.get_xattr(key, MANIFEST_XATTR))
+        size = int(head["size"])
+        if head["layout"] == "inline":
+            data = io.read(key, size) if size else b""
+        else:
+            manifest = json.loads(io.read(key, int(head["manifest_bytes"])))
+            assert (manifest["size"], manifest["digest"]) == (size, head["digest"])
+            pieces = []
+            for n, part in enumerate(manifest["parts"]):
+                piece = io.read(f"{key}.part-{n:04d}", int(part["size"]))
+                assert hashlib.sha256(piece).hexdigest() == part["sha256"], f"{key} part {n} is corrupt"
+                pieces.append(piece)
+            data = b"".join(pieces)
+        assert len(data) == size, f"{key}: {len(data)} bytes, its manifest says {size}"
+        assert "sha256:" + hashlib.sha256(data).hexdigest() == head["digest"], f"{key} does not match its digest"
+        return data
+
+
+@contextlib.contextmanager
+def _ioctx(settings: RadosSettings, pool: str) -> Iterator[Any]:
+    """A librados client of the test's own (~20 ms to connect on loopback) and an I/O context on `pool`."""
+    import rados
+
+    conf = {"rados_osd_op_timeout": "30", "rados_mon_op_timeout": "30", "client_mount_timeout": "30"}
+    if settings.keyring is not None:
+        conf["keyring"] = str(settings.keyring)
+    client = rados.Rados(conffile=str(settings.conffile or ""), name=settings.client_name, conf=conf)
+    client.connect()
+    try:
+        with client.open_ioctx(pool) as io:
+            yield io
+    finally:
+        client.shutdown()
