@@ -81,6 +81,19 @@ class StoredObjects:
         return await self._with_ioctx(
             lambda io: {loc: self._read_rados(io, self._key(loc)) for loc in sorted(locations)})
 
+    async def part_sizes(self, location: str) -> list[int]:
+        """The sizes of the pieces the object is stored in: one file; one RADOS object, or its parts."""
+        if self.root is not None:
+            return [(await asyncio.to_thread((self.root / location).stat)).st_size]
+
+        def sizes(io: Any) -> list[int]:
+            key = self._key(location)
+            head = json.loads(io.get_xattr(key, MANIFEST_XATTR))
+            if head["layout"] == "inline":
+                return [int(head["size"])]
+            return [int(p["size"]) for p in json.loads(io.read(key, int(head["manifest_bytes"])))["parts"]]
+        return await self._with_ioctx(sizes)
+
     async def exists(self, location: str) -> bool:
         return location in await self.locations()
 
