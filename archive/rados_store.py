@@ -236,6 +236,27 @@ class RadosConnection:
             raise
         return fut
 
+    async def mon_command(self, command: dict[str, Any], *, timeout: float | None = None) -> Any:
+        """A monitor command (`ceph` CLI's JSON form, e.g. {"prefix": "osd pool ls"}), its JSON output decoded;
+        StorageError with the monitor's message when it fails (e.g. ENOENT for a pool that does not exist)."""
+        if self._closed:
+            raise StorageError("RADOS connection closed")
+        timeout = timeout or self.settings.op_timeout
+        cmd = json.dumps({**command, "format": "json"})
+        try:
+            ret, out, err = await asyncio.wait_for(
+                asyncio.to_thread(self._cluster.mon_command, cmd, b"", timeout=int(timeout)), timeout + 5)
+        except self.rados.Error as exc:
+            raise _rados_error(exc, command.get("prefix", "mon command")) from exc
+        except TimeoutError as exc:
+            raise StorageError(f"RADOS {command.get('prefix')}: no answer within {timeout}s") from exc
+        if ret != 0:
+            raise RadosError(f"RADOS {command.get('prefix')}: {err or os.strerror(-ret)}", -ret)
+        try:
+            return json.loads(out) if out.strip() else None
+        except ValueError as exc:
+            raise StorageError(f"RADOS {command.get('prefix')}: unreadable answer: {exc}") from exc
+
     async def close(self) -> None:
         """Wait for operations in flight (each ends within op_timeout), flush writes, close, shut down."""
         if self._closed:
