@@ -122,11 +122,26 @@ class RadosSettings(_Section):
         return v
 
 
+class MoveSettings(_Section):
+    """Moves between storage classes (archive/moves.py): `vna policy apply`, and periodically in `vna serve`."""
+
+    interval_seconds: float = Field(0.0, ge=0)  # a server applies the policy this often; 0: only `vna policy apply`
+    rate_mb_per_s: float = Field(0.0, ge=0)     # copy throttle in MB/s (10^6 bytes); 0: as fast as it goes
+    # an old copy is deleted this long after the index names the new one (a reader that located the old
+    # copy just before the switch still reads it)
+    grace_seconds: float = Field(60.0, ge=0)
+    concurrency: int = Field(8, ge=1, le=256)   # objects copied at once
+
+
 class StorageSettings(_Section):
     backend: StorageBackend = StorageBackend.filesystem
     root: Path | None = None  # None: <data_dir>/objects
     fsync: bool = True
     rados: RadosSettings = RadosSettings()
+    # storage classes and the rules that choose them (archive/policy.py); None: one class "default" on the
+    # configured pool (rados.pool) or the root. Read at start and again on SIGHUP.
+    policy_file: Path | None = None
+    moves: MoveSettings = MoveSettings()
 
 
 class DuplicatePolicy(str, Enum):

@@ -54,7 +54,7 @@ def _translate(exc: Exception) -> DatabaseError:
 
 
 _STORE_SQL = "SELECT outcome, old_store, old_location FROM vna_store_instance(" + ", ".join(
-    f"${n}" for n in range(1, 42)) + ")"
+    f"${n}" for n in range(1, 43)) + ")"
 
 
 class Index:
@@ -64,8 +64,10 @@ class Index:
         self.pool = pool
 
     async def store_instance(self, parsed: ParsedInstance, obj: StoredObject, *, store: str, dataset_offset: int,
-                             source: str, policy: DuplicatePolicy, timeout: float) -> StoreOutcome:
-        """Index one instance whose object is already durable (one transaction, one round trip)."""
+                             source: str, policy: DuplicatePolicy, timeout: float,
+                             storage_class: str = "default") -> StoreOutcome:
+        """Index one instance whose object is already durable (one transaction, one round trip);
+        `storage_class` is the class (archive/policy.py) whose pool `obj` was written to."""
         c = parsed.columns
         la = parsed.level_attrs
         args = (
@@ -79,7 +81,7 @@ class Index:
             parsed.sop_instance_uid, parsed.sop_class_uid, c["instance_number"], c["content_date"],
             c["content_time"], c["acquisition_datetime"], parsed.transfer_syntax_uid, store, obj.location,
             obj.size, obj.digest, dataset_offset, la[Level.IMAGE], json.dumps(parsed.metadata), source,
-            policy.value,
+            policy.value, storage_class,
         )
         try:
             row = await self.pool.fetchrow(_STORE_SQL, *args, timeout=timeout)
@@ -126,9 +128,13 @@ class Index:
         return [LocatedInstance(*r) for r in rows]
 
     async def has_object(self, store: str, location: str, *, timeout: float) -> bool:
+        """Does the index name this object: an instance's, or the old copy of a storage move awaiting its
+        deletion (archive/moves.py deletes it once readers that located it before the switch are done)?"""
         try:
-            return await self.pool.fetchval("SELECT EXISTS (SELECT 1 FROM instance WHERE store = $1 AND location = $2)",
-                                            store, location, timeout=timeout)
+            return await self.pool.fetchval(
+                "SELECT EXISTS (SELECT 1 FROM instance WHERE store = $1 AND location = $2) OR EXISTS "
+                "(SELECT 1 FROM storage_move WHERE from_store = $1 AND from_location = $2 AND state = 'switched')",
+                store, location, timeout=timeout)
         except _DB_ERRORS as exc:
             raise _translate(exc) from exc
 

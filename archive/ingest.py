@@ -17,6 +17,7 @@ import logging
 import secrets
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from archive.attributes import Level
 from archive.config import IngestSettings
@@ -24,6 +25,7 @@ from archive.errors import DuplicateConflict, InvalidInstance, VnaError
 from archive.index import Index
 from archive.instance import ParsedInstance, file_meta, parse_instance, split_part10
 from archive.objectstore import ObjectStore
+from archive.policy import Attributes
 from archive.stores import StoreRegistry
 from archive.query import Query, QueryKey
 from metrics.registry import Metrics
@@ -55,17 +57,20 @@ class Ingestor:
         """Store a data set received without File Meta Information (C-STORE), exactly as received."""
         parsed = self._parse(dataset, transfer_syntax_uid, affected_sop_class_uid, affected_sop_instance_uid)
         meta = file_meta(parsed.sop_class_uid, parsed.sop_instance_uid, transfer_syntax_uid, source_ae)
-        return await self._commit(parsed, [meta, dataset], len(meta), protocol=protocol, source=source)
+        return await self._commit(parsed, [meta, dataset], len(meta), protocol=protocol, source=source,
+                                  calling_ae=source_ae)
 
-    async def ingest_part10(self, data: bytes, *, protocol: str, source: str) -> IngestResult:
-        """Store a PS3.10 file (STOW-RS) exactly as received, File Meta Information included."""
+    async def ingest_part10(self, data: bytes, *, protocol: str, source: str,
+                            calling_ae: str | None = None) -> IngestResult:
+        """Store a PS3.10 file (STOW-RS) exactly as received, File Meta Information included.
+        `calling_ae`: the sender's AE title when it has one (storage policies may match on it)."""
         try:
             ts, offset = split_part10(data)
         except InvalidInstance as exc:
             self.metrics.ingest_failures.labels(exc.code).inc()
             raise
         parsed = self._parse(data[offset:], ts, None, None)
-        return await self._commit(parsed, [data], offset, protocol=protocol, source=source)
+        return await self._commit(parsed, [data], offset, protocol=protocol, source=source, calling_ae=calling_ae)
 
     def _parse(self, dataset: bytes, ts: str, sop_class: str | None, sop_instance: str | None) -> ParsedInstance:
         try:
@@ -79,15 +84,19 @@ class Ingestor:
             raise
 
     async def _commit(self, parsed: ParsedInstance, parts: list[bytes], dataset_offset: int, *,
-                      protocol: str, source: str) -> IngestResult:
+                      protocol: str, source: str, calling_ae: str | None) -> IngestResult:
         started = time.perf_counter()
         try:
-            key = (f"{parsed.study_instance_uid}/{parsed.series_instance_uid}/"
-                   f"{parsed.sop_instance_uid}.{secrets.token_hex(8)}.dcm")
-            obj = await self.store.put(key, parts, timeout=self._store_timeout)
+            # the storage policy's rules choose the class, hence the store and pool (archive/policy.py)
+            placement = self.stores.choose(Attributes(
+                institution_name=_first_text(parsed.metadata, "00080080"), calling_ae=calling_ae,
+                protocol=protocol, modality=_first_text(parsed.metadata, "00080060")))
+            key = object_key(parsed.study_instance_uid, parsed.series_instance_uid, parsed.sop_instance_uid)
+            obj = await placement.put(key, parts, timeout=self._store_timeout)
             result = await self.index.store_instance(
-                parsed, obj, store=self.store.name, dataset_offset=dataset_offset, source=source,
-                policy=self.settings.duplicate_policy, timeout=self._db_timeout)
+                parsed, obj, store=placement.store_name, dataset_offset=dataset_offset, source=source,
+                policy=self.settings.duplicate_policy, timeout=self._db_timeout,
+                storage_class=placement.storage_class)
         except VnaError as exc:
             self.metrics.ingest_failures.labels(type(exc).__name__).inc()
             raise
@@ -128,6 +137,16 @@ class Ingestor:
             await self.stores.for_location(store_name, location).delete(location, timeout=self._store_timeout)
         except VnaError as exc:
             log.warning("could not delete obsolete object %s: %s", location, exc)
+
+
+def object_key(study_uid: str, series_uid: str, sop_uid: str) -> str:
+    """A key no other write uses: the UIDs and a random part (see the module docstring)."""
+    return f"{study_uid}/{series_uid}/{sop_uid}.{secrets.token_hex(8)}.dcm"
+
+
+def _first_text(metadata: dict[str, Any], tag_hex: str) -> str | None:
+    values = (metadata.get(tag_hex) or {}).get("Value") or [None]
+    return values[0] if isinstance(values[0], str) else None
 
 
 async def sweep_orphans(index: Index, store: ObjectStore, *, grace_seconds: float, metrics: Metrics,

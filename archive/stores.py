@@ -36,10 +36,15 @@ class Placement:
     store: ObjectStore
     pool: str | None       # the RADOS pool, or the filesystem store's subdirectory (None: the root)
     key_prefix: str = ""   # filesystem only: "<pool>/"
+    location_prefix: str = ""  # what the store puts before a key in the location: "<pool>/"
 
     @property
     def store_name(self) -> str:
         return self.store.name
+
+    def location_of(self, key: str) -> str:
+        """The location `put(key, ...)` returns (known before writing: a move journals it first)."""
+        return self.location_prefix + key
 
     async def put(self, key: str, parts: Sequence[bytes], *, digest: str | None = None,
                   timeout: float) -> StoredObject:
@@ -64,7 +69,8 @@ class _OneStore:
         self.readers = {store.name: store}
 
     async def place(self, storage_class: StorageClass) -> Placement:
-        return Placement(storage_class.name, self.store, getattr(self.store, "pool", None))
+        pool = getattr(self.store, "pool", None)
+        return Placement(storage_class.name, self.store, pool, "", f"{pool}/" if pool else "")
 
     def sweep_stores(self) -> list[ObjectStore]:
         return [self.store]
@@ -76,7 +82,8 @@ class _OneStore:
 class _FileSystemBackend(_OneStore):
     async def place(self, storage_class: StorageClass) -> Placement:
         pool = storage_class.pool or None
-        return Placement(storage_class.name, self.store, pool, f"{pool}/" if pool else "")
+        prefix = f"{pool}/" if pool else ""
+        return Placement(storage_class.name, self.store, pool, prefix, prefix)
 
 
 class _RadosBackend:
@@ -98,7 +105,8 @@ class _RadosBackend:
             await self.connection.ioctx(storage_class.pool)  # the pool must exist
         except StorageError as exc:
             raise ConfigError(f"storage class {storage_class.name!r}: {exc}") from exc
-        return Placement(storage_class.name, self._store(storage_class.pool), storage_class.pool)
+        pool = storage_class.pool
+        return Placement(storage_class.name, self._store(pool), pool, "", f"{pool}/")
 
     def sweep_stores(self) -> list[ObjectStore]:
         return list(self._by_pool.values())
@@ -151,8 +159,9 @@ class StoreRegistry:
     @classmethod
     def single(cls, store: ObjectStore) -> StoreRegistry:
         """One store and one class, "default" (what an Ingestor built on a bare store uses)."""
-        policy = Policy.single(getattr(store, "pool", None))
-        placement = Placement(policy.default_class, store, getattr(store, "pool", None))
+        pool = getattr(store, "pool", None)
+        policy = Policy.single(pool)
+        placement = Placement(policy.default_class, store, pool, "", f"{pool}/" if pool else "")
         return cls(_OneStore(store), policy, {policy.default_class: placement})
 
     @property

@@ -3,6 +3,8 @@
     vna serve [--data-dir D] [--dicom-port 11112] [--http-port 8080] [--ae-title VNA] [--database-url URL]
     vna migrate
     vna ae add NAME HOST PORT | vna ae list | vna ae remove NAME
+    vna policy check [--policy FILE]      storage classes against the live cluster, in plain words
+    vna policy apply [--limit N] [--rate MBPS] [--grace S]   move instances to the class the policy wants
 """
 
 from __future__ import annotations
@@ -17,9 +19,14 @@ from typing import Any
 
 import pydicom.config
 
-from archive.config import Settings, validate_ae_title
+from archive.config import Settings, StorageBackend, validate_ae_title
 from archive.errors import ConfigError, VnaError
 from archive.index import ApplicationEntity
+from archive.moves import Mover
+from archive.policy import Policy, load_policy
+from archive.policy_check import check_against_cluster, check_offline
+from archive.stores import open_stores
+from metrics.registry import Metrics
 from gateway.runtime import Runtime, open_index
 
 log = logging.getLogger("vna")
@@ -48,6 +55,19 @@ def _parser() -> argparse.ArgumentParser:
     ae_sub.add_parser("list", parents=[common], help="list destinations")
     rm = ae_sub.add_parser("remove", parents=[common], help="remove a destination")
     rm.add_argument("name")
+    pol = sub.add_parser("policy", help="storage policies (storage.policy_file): check, apply")
+    pol_sub = pol.add_subparsers(dest="policy_command", required=True)
+    chk = pol_sub.add_parser("check", parents=[common],
+                             help="validate the policy file against the cluster and say what each class does")
+    chk.add_argument("--policy", type=Path, help="the policy file (default: storage.policy_file)")
+    app = pol_sub.add_parser("apply", parents=[common],
+                             help="move instances whose class differs from what the rules and lifecycle want")
+    app.add_argument("--policy", type=Path, help="the policy file (default: storage.policy_file)")
+    app.add_argument("--limit", type=int, help="move at most this many instances (pending ones included)")
+    app.add_argument("--rate", type=float, help="throttle copies to this many MB/s (default storage.moves.rate_mb_per_s)")
+    app.add_argument("--grace", type=float,
+                     help="seconds between the switch and deleting the old copy (default storage.moves.grace_seconds)")
+    app.add_argument("--concurrency", type=int, help="objects copied at once (default storage.moves.concurrency)")
     return p
 
 
@@ -73,6 +93,7 @@ async def _serve(settings: Settings) -> None:
     async with Runtime(settings) as runtime:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, runtime.request_stop)
+        loop.add_signal_handler(signal.SIGHUP, runtime.request_policy_reload)
         await runtime.wait_for_stop()
         log.info("stopping: draining associations and requests")
 
@@ -92,6 +113,41 @@ async def _ae(settings: Settings, args: argparse.Namespace) -> None:
         else:
             for ae in await index.ae_list(timeout=30):
                 print(f"{ae.ae_title:16} {ae.host}:{ae.port}")
+
+
+def _policy_of(settings: Settings, args: argparse.Namespace) -> Policy:
+    path = args.policy or settings.storage.policy_file
+    if path is None:
+        raise ConfigError("no policy file: give --policy FILE or set storage.policy_file")
+    return load_policy(path)
+
+
+async def _policy(settings: Settings, args: argparse.Namespace) -> int:
+    policy = _policy_of(settings, args)
+    if args.policy_command == "check":
+        if settings.storage.backend is not StorageBackend.rados:
+            check = check_offline(policy, str(settings.object_root))
+        else:
+            from archive.rados_store import RadosConnection
+            connection = RadosConnection(settings.storage.rados)
+            try:
+                await connection.connect()
+                check = await check_against_cluster(policy, connection)
+            finally:
+                await connection.close()
+        print(check.report())
+        return 0 if check.ok else 1
+    m = settings.storage.moves
+    rate = args.rate if args.rate is not None else m.rate_mb_per_s
+    async with open_index(settings) as index, open_stores(settings, policy) as stores:
+        mover = Mover(index.pool, stores, Metrics(), grace_seconds=args.grace if args.grace is not None else
+                      m.grace_seconds, rate_bytes_per_s=rate * 1e6 or None,
+                      concurrency=args.concurrency or m.concurrency, db_timeout=settings.database.command_timeout)
+        report = await mover.run(limit=args.limit)
+    print(report.summary())
+    for error in report.errors:
+        print(f"failed: {error}", file=sys.stderr)
+    return 1 if report.failed else 0
 
 
 async def _migrate(settings: Settings) -> None:
@@ -115,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
             asyncio.run(_serve(settings))
         elif args.command == "migrate":
             asyncio.run(_migrate(settings))
+        elif args.command == "policy":
+            return asyncio.run(_policy(settings, args))
         else:
             asyncio.run(_ae(settings, args))
     except ConfigError as exc:

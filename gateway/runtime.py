@@ -23,6 +23,8 @@ from archive.embedded_pg import EmbeddedPostgres
 from archive.index import Index
 from archive.ingest import Ingestor, sweep_orphans
 from archive.objectstore import FileSystemStore, ObjectStore
+from archive.moves import Mover
+from archive.policy import load_policy
 from archive.errors import VnaError
 from archive.services import ArchiveServices
 from archive.stores import StoreRegistry, open_stores
@@ -93,6 +95,8 @@ class Runtime:
         self.ports: Ports | None = None
         self._stack = contextlib.AsyncExitStack()
         self._stop = asyncio.Event()
+        self.stores: StoreRegistry | None = None
+        self._reloads: set[asyncio.Task[bool]] = set()
 
     def request_stop(self) -> None:
         self.ready = False
@@ -117,7 +121,8 @@ class Runtime:
         s = self.settings
         s.data_dir.mkdir(parents=True, exist_ok=True)
         index = await self._stack.enter_async_context(open_index(s))
-        stores = await self._stack.enter_async_context(open_stores(s))
+        policy = load_policy(s.storage.policy_file) if s.storage.policy_file else None
+        stores = self.stores = await self._stack.enter_async_context(open_stores(s, policy))
         store = stores.default.store
         ingestor = Ingestor(index, store, s.ingest, self.metrics, db_timeout=s.database.command_timeout,
                             stores=stores)
@@ -137,6 +142,9 @@ class Runtime:
 
         sweeper = asyncio.create_task(self._sweep_forever(index, stores))
         self._stack.callback(sweeper.cancel)
+        if s.storage.moves.interval_seconds > 0:
+            mover = asyncio.create_task(self._apply_policy_forever(index, stores))
+            self._stack.callback(mover.cancel)
 
         self.ports = Ports(dicom=dicom_port, http=http_port)
         # written whole, then renamed: whoever polls for the file never reads it empty or half written
@@ -146,6 +154,43 @@ class Runtime:
         log.info("vna %s listening: DICOM port %d, HTTP port %d, data in %s", s.ae_title, dicom_port, http_port,
                  s.data_dir)
         self.ready = True
+
+    async def reload_policy(self) -> bool:
+        """Read storage.policy_file again and switch to it (SIGHUP). An invalid file, or one naming a pool that
+        does not exist, is logged and the policy in force kept; True when the new one is in force."""
+        path = self.settings.storage.policy_file
+        if self.stores is None or path is None:
+            log.warning("SIGHUP: no storage.policy_file configured, nothing to reload")
+            return False
+        try:
+            policy = await asyncio.to_thread(load_policy, path)
+            await self.stores.reload(policy)
+        except VnaError as exc:
+            log.error("policy %s not reloaded, the previous one stays in force: %s", path, exc)
+            return False
+        log.info("policy %s reloaded: classes %s, %d rules", path, ", ".join(policy.classes), len(policy.rules))
+        return True
+
+    def request_policy_reload(self) -> None:
+        """For a signal handler: reload the policy in a task of its own."""
+        task = asyncio.get_running_loop().create_task(self.reload_policy())
+        self._reloads.add(task)
+        task.add_done_callback(self._reloads.discard)
+
+    async def _apply_policy_forever(self, index: Index, stores: StoreRegistry) -> None:
+        """storage.moves.interval_seconds > 0: move what the policy's rules and lifecycle say (archive/moves.py)."""
+        m = self.settings.storage.moves
+        mover = Mover(index.pool, stores, self.metrics, grace_seconds=m.grace_seconds,
+                      rate_bytes_per_s=m.rate_mb_per_s * 1e6 or None, concurrency=m.concurrency,
+                      db_timeout=self.settings.database.command_timeout)
+        while True:
+            await asyncio.sleep(m.interval_seconds)
+            try:
+                report = await mover.run(wait_for_grace=False)
+                if report.moved or report.failed or report.abandoned:
+                    log.info("storage policy applied: %s", report.summary())
+            except VnaError as exc:
+                log.warning("storage policy not applied: %s", exc)
 
     async def _sweep_forever(self, index: Index, stores: StoreRegistry) -> None:
         grace = self.settings.ingest.orphan_grace_seconds

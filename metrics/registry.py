@@ -35,3 +35,8 @@ class Metrics:
                                        "Objects removed because no index row referenced them", registry=r)
         self.sent_instances = Counter("vna_retrieve_instances_total", "Instances sent by C-MOVE/C-GET by outcome",
                                       ["service", "outcome"], registry=r)
+        self.storage_moves = Counter("vna_storage_moves_total",
+                                     "Objects moved between storage classes, by outcome (moved, abandoned, failed)",
+                                     ["outcome"], registry=r)
+        self.storage_move_bytes = Counter("vna_storage_move_bytes_total",
+                                          "Bytes copied to another storage class's pool", registry=r)
