@@ -265,6 +265,22 @@ async def _check(base: str, ds: DataSet) -> list[str]:
     return problems
 
 
+async def _check_scaled(base: str, count: int) -> list[str]:
+    """After the fill: QIDO sees the cloned studies (100 instances each, patients FILL1, FILL2...)."""
+    problems = []
+    async with aiohttp.ClientSession(trust_env=False) as s:
+        for query, expected in (("limit=100", 100), ("PatientID=FILL7", 1)):
+            async with s.get(f"{base}/studies?{query}&includefield=00201208",
+                             headers={"Accept": "application/dicom+json"}) as r:
+                answer = await r.json(content_type=None) if r.status == 200 else []
+            if len(answer) != expected:
+                problems.append(f"/studies?{query} after the fill: {len(answer)} studies, expected {expected}")
+        instances = sum(int(st.get("00201208", {}).get("Value", [0])[0]) for st in answer)
+        if instances != 100:
+            problems.append(f"a filled study has {instances} instances, expected 100")
+    return problems
+
+
 # -- k6 ------------------------------------------------------------------------------------------
 
 def k6(script: str, base_url: str, root: str, uids: Path, work: Path, vus: int | None = None,
@@ -285,6 +301,8 @@ def k6(script: str, base_url: str, root: str, uids: Path, work: Path, vus: int |
         raise RuntimeError(f"k6 {script} exited {r.returncode}: {(r.stderr or r.stdout)[-2000:]}")
     m = json.loads(summary.read_text())["metrics"]
     summary.unlink()
+    # k6 logs each failed request (e.g. "request timeout") on stderr: keep a few for the report
+    warnings = [line for line in r.stderr.splitlines() if "level=warning" in line or "level=error" in line]
     duration_ms = m["http_req_duration"]
     failed = m.get("http_req_failed", {}).get("passes", 0)  # a Rate: "passes" are the failed requests
     return {"rps": m["http_reqs"]["rate"], "requests": m["http_reqs"]["count"],
@@ -292,7 +310,8 @@ def k6(script: str, base_url: str, root: str, uids: Path, work: Path, vus: int |
             "p99_ms": duration_ms["p(99)"], "max_ms": duration_ms["max"],
             "errors": failed + m.get("checks", {}).get("fails", 0), "failed_requests": failed,
             "mb_per_s": m["data_received"]["rate"] / 1e6, "k6_exit": r.returncode,
-            "vus_max": m.get("vus_max", {}).get("value"), "loadavg": os.getloadavg()[0]}
+            "vus_max": m.get("vus_max", {}).get("value"), "loadavg": os.getloadavg()[0],
+            "k6_warnings": warnings[:5] + ([f"... {len(warnings) - 5} more"] if len(warnings) > 5 else [])}
 
 
 # -- the run -------------------------------------------------------------------------------------
@@ -379,6 +398,8 @@ class Bench:
         count = asyncio.run(_fill(dsn, self.a.indexed - len(self.ds.all_files)))
         self.scale = {"indexed": count, "fill_seconds": round(time.perf_counter() - t0, 1)}
         print(f"-- vna index filled to {count} instances in {self.scale['fill_seconds']} s", flush=True)
+        if problems := asyncio.run(_check_scaled(base, count)):
+            raise RuntimeError("; ".join(problems))
         for key in SCALE_SCENARIOS:
             sc = next(s for s in SCENARIOS if s.key == key)
             self.k6_run("vna", base, sc, self.a.warmup or "3s", store=False)
@@ -403,6 +424,8 @@ class Bench:
                   f" errors {r['errors']} (k6 exit {r['k6_exit']})", flush=True)
             if r["errors"] or r["k6_exit"]:
                 self.results[name]["errors"]["seed_load"] = f"{r['errors']} errors, k6 exit {r['k6_exit']}"
+                for line in r["k6_warnings"]:
+                    print(f"    k6: {line}", flush=True)
 
     def run(self) -> None:
         if "stow" in self.a.parts:
@@ -464,8 +487,8 @@ def table(results: dict[str, dict], batches: list[int]) -> str:
             v, o = figs["vna"], figs["orthanc"]
             ratio = v["rate"] / o["rate"] if v and o else nan
             verdict = ("ok" if ratio >= target else "--") if target and ratio == ratio else "  "
-            row += f"{ratio:>9.1f}x" + (f"{'>=' + format(target, 'g') + 'x':>8} {verdict}" if target else " " * 11)
-        row += "".join(f"{(f or {}).get('p50_ms', nan):>10.2f} ms" for f in figs.values())
+            row += (f"{ratio:>9.1f}x" if ratio == ratio else f"{'-':>10}") + (f"{'>=' + format(target, 'g') + 'x':>8} {verdict}" if target else " " * 11)
+        row += "".join(f"{f['p50_ms']:>10.2f} ms" if f and "p50_ms" in f else f"{'-':>13}" for f in figs.values())
         lines.append(row + (f"{ref:>10g}" if ref else ""))
     return "\n".join(lines)
 
@@ -525,6 +548,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nload average before/after: {load_before[0]:.2f} / {load_after[0]:.2f} on {os.cpu_count()} CPUs"
           f" (k6 and both servers share them)\n")
     print(table(bench.results, a.stow_batch))
+    mb = {n: r["wado_instance"]["mb_per_s"] for n, r in bench.results.items() if "wado_instance" in r}
+    if mb:
+        print("WADO-RS instance MB/s: " + ", ".join(f"{n} {v:.0f}" for n, v in mb.items()) + " (ref Orthanc 110)")
     if "vna" in bench.results and bench.scale:
         for key in SCALE_SCENARIOS:
             if fig := bench.results["vna"].get(f"{key}_scaled"):
