@@ -315,6 +315,8 @@ class Mover:
                 report.errors.append(f"{row.sop_instance_uid}: {exc}")
             return "failed"
         if state == "switched":
+            if self.grace <= 0:  # no reader to wait for: free the space now, not after the batch
+                report.deleted += len(await self._delete_copies([(row.pk, row.from_store, row.from_location)]))
             return "moved"
         if state == "abandoned":
             await self._remove_copy(row)
@@ -349,25 +351,28 @@ class Mover:
                     return
                 await asyncio.sleep(max(0.05, self.grace - float(rows[0]["waited"])))
                 continue
-            gate = asyncio.Semaphore(self.concurrency * 2)
-
-            async def delete(r: asyncpg.Record) -> int | None:
-                async with gate:
-                    try:
-                        await self.stores.for_location(r["from_store"], r["from_location"]).delete(
-                            r["from_location"], timeout=self.store_timeout)
-                    except VnaError as exc:
-                        log.warning("could not delete the old copy %s (retried next run): %s", r["from_location"], exc)
-                        return None
-                    return int(r["pk"])
-
-            done = [pk for pk in await asyncio.gather(*(delete(r) for r in due)) if pk is not None]
-            await self.pool.execute("UPDATE storage_move SET state = 'done', finished_at = now() "
-                                    "WHERE pk = ANY($1::bigint[]) AND state = 'switched'", done,
-                                    timeout=self.db_timeout)
+            done = await self._delete_copies([(r["pk"], r["from_store"], r["from_location"]) for r in due])
             report.deleted += len(done)
             if len(done) < len(due):
                 return  # a store failure: leave the rest to the next run
+
+    async def _delete_copies(self, copies: list[tuple[int, str, str]]) -> list[int]:
+        """Delete the old copies of switched moves (move pk, store, location); mark those deleted 'done'."""
+        gate = asyncio.Semaphore(self.concurrency * 2)
+
+        async def delete(pk: int, store: str, location: str) -> int | None:
+            async with gate:
+                try:
+                    await self.stores.for_location(store, location).delete(location, timeout=self.store_timeout)
+                except VnaError as exc:
+                    log.warning("could not delete the old copy %s (retried next run): %s", location, exc)
+                    return None
+                return pk
+
+        done = [pk for pk in await asyncio.gather(*(delete(*c) for c in copies)) if pk is not None]
+        await self.pool.execute("UPDATE storage_move SET state = 'done', finished_at = now() "
+                                "WHERE pk = ANY($1::bigint[]) AND state = 'switched'", done, timeout=self.db_timeout)
+        return done
 
 
 async def pending_counts(pool: asyncpg.Pool, *, timeout: float = 30.0) -> dict[str, int]:
