@@ -350,11 +350,9 @@ class RadosStore:
             op = io.create_write_op()
             try:
                 # one compound operation: the bytes and their manifest land together or not at all
-                op.write_full(data[0])
-                offset = len(data[0])
-                for p in data[1:]:
-                    op.write(p, offset)
-                    offset += len(p)
+                # one write_full of the whole object: an erasure-coded pool (without allow_ec_overwrites) refuses
+                # a write at an offset (ENOTSUP), e.g. the data set after the File Meta Information of a C-STORE
+                op.write_full(data[0] if len(data) == 1 else b"".join(data))
                 op.set_xattr(MANIFEST_XATTR, manifest.encode())
                 fut = conn.aio(lambda cb: io.operate_aio_write_op(op, key, oncomplete=cb, mtime=int(manifest.time)),
                                f"put {self.pool}/{key}", loop=loop)
