@@ -41,7 +41,7 @@ from archive.stores import StoreRegistry, open_stores
 from gateway.runtime import Runtime
 from metrics.registry import Metrics
 from tests.ceph_policy import (cli_env, cluster3, make_ct, monitor, part10, pool_objects, purge, sha256, stow,
-                               storage_for)
+                               storage_for, storescu)
 
 N = 1000
 
@@ -339,3 +339,54 @@ async def test_one_mover_at_a_time(fs_archive: tuple[StoreRegistry, Ingestor], i
         finally:
             await conn.execute("SELECT pg_advisory_unlock($1)", _MOVER_LOCK)
     assert (await Mover(index.pool, stores, Metrics()).run()).planned == 0
+
+
+async def test_an_erasure_coded_class_takes_c_store_and_lifecycle_moves(
+        ceph3: dict[str, Any], vna_factory: Callable[..., Any], index: Index, tmp_path: Path) -> None:
+    """The issue's `cold` class on an erasure-coded pool (k=2, m=1, one chunk per host): instances stored into it
+    directly by C-STORE (PS3.4 B.2: the archive writes its File Meta Information, then the data set as
+    received) and moved into it by a lifecycle step read back bit for bit."""
+    async with monitor(ceph3) as mon:
+        pools = {p["pool_name"] for p in await mon.mon_command({"prefix": "osd pool ls", "detail": "detail"})}
+        if "vna-cold" not in pools:
+            await mon.mon_command({"prefix": "osd erasure-code-profile set", "name": "vna-k2m1",
+                                   "profile": ["k=2", "m=1", "crush-failure-domain=host"]})
+            await mon.mon_command({"prefix": "osd pool create", "pool": "vna-cold", "pg_num": 8, "pgp_num": 8,
+                                   "pool_type": "erasure", "erasure_code_profile": "vna-k2m1"})
+    await purge(ceph3, ("vna-cold", "vna-dc-a"))
+    policy_file = tmp_path / "policy.yaml"
+    policy_file.write_text("""\
+classes:
+  default: {pool: vna}
+  regional:
+    pool: vna-dc-a
+    lifecycle: [{after_days: 30, move_to: cold}]
+  cold: {pool: vna-cold}
+rules:
+  - {match: {modality: MR}, class: cold}
+  - {match: {institution_name: South Clinic}, class: regional}
+""")
+    rt: Runtime = await vna_factory(storage=storage_for(ceph3, policy_file))
+    assert rt.ports is not None and rt.stores is not None
+    study = generate_uid()
+    files = []
+    for n, modality in enumerate(("MR", "MR", "CT", "CT")):
+        ds = make_ct("South Clinic", study=study, series=generate_uid(), n=n, size=32, modality=modality)
+        files.append(tmp_path / f"{n}.dcm")
+        files[-1].write_bytes(part10(ds))
+    await storescu(rt.ports.dicom, files)
+    found = await rows(index)
+    assert sorted(r["storage_class"] for r in found.values()) == ["cold", "cold", "regional", "regional"]
+
+    await age_everything(index, 31)
+    report = await Mover(index.pool, rt.stores, rt.metrics, grace_seconds=0).run()
+    assert (report.moved, report.failed) == (2, 0)
+    after = await rows(index)
+    assert {r["storage_class"] for r in after.values()} == {"cold"}
+    async with monitor(ceph3) as mon:
+        assert await pool_objects(mon, "vna-cold") == {r["location"].removeprefix("vna-cold/") for r in after.values()}
+        assert await pool_objects(mon, "vna-dc-a") == set()
+    for sop, r in after.items():
+        data = await rt.stores.for_location(r["store"], r["location"]).get(r["location"], timeout=10)
+        assert sha256(data) == r["digest"] and data.endswith(next(f.read_bytes()[-64:] for f in files
+                                                                   if sop in f.read_bytes().decode("latin-1")))
