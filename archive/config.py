@@ -106,6 +106,11 @@ class RadosSettings(_Section):
     # every librados call (monitor and OSD) fails after this many seconds (whole: librados' unit) instead of
     # waiting for the cluster
     op_timeout: int = Field(30, ge=1)
+    # where this client is in the CRUSH tree, e.g. "datacenter=dc-b host=h3" (librados' crush_location);
+    # None: as ceph.conf says (unset: nowhere in particular)
+    crush_location: str | None = None
+    # read from the copy nearest to crush_location instead of the primary (archive/rados_local.py)
+    localize_reads: bool = False
 
     @field_validator("client_name")
     @classmethod

@@ -40,6 +40,7 @@ from typing import Any
 from archive.config import RadosSettings
 from archive.errors import ConfigError, StorageError
 from archive.objectstore import StoredObject
+from archive.rados_local import LocalizedReader
 
 MANIFEST_XATTR = "vna.manifest"
 # Note: operate_aio_write_op's default mtime=0 stores an mtime of 1970 (python3-rados 16.2 passes a pointer to 0,
@@ -147,6 +148,8 @@ class RadosConnection:
         conf = {"rados_osd_op_timeout": t, "rados_mon_op_timeout": t, "client_mount_timeout": t}
         if settings.keyring is not None:
             conf["keyring"] = str(settings.keyring)
+        if settings.crush_location:
+            conf["crush_location"] = settings.crush_location
         try:
             self._cluster = rados.Rados(conffile=str(settings.conffile) if settings.conffile else "",
                                         name=settings.client_name, conf=conf)
@@ -155,6 +158,10 @@ class RadosConnection:
             raise ConfigError(f"cannot use the Ceph configuration {where}: {exc}") from exc
         self._ioctxs: dict[str, Any] = {}
         self._opening: dict[str, asyncio.Future[Any]] = {}
+        # storage.rados.localize_reads: reads go through a client of their own (python-rados cannot flag them)
+        self.localized: LocalizedReader | None = None
+        if settings.localize_reads:
+            self.localized = LocalizedReader(settings)
         self._lock = threading.Lock()
         self._in_flight = 0
         self._closed = False
@@ -163,6 +170,8 @@ class RadosConnection:
         # connect() waits at most client_mount_timeout; the asyncio timeout is a backstop
         try:
             await asyncio.wait_for(asyncio.to_thread(self._cluster.connect), self.settings.op_timeout + 5)
+            if self.localized is not None:
+                await asyncio.wait_for(self.localized.connect(), self.settings.op_timeout + 5)
         except self.rados.Error as exc:
             raise _rados_error(exc, f"connect as {self.settings.client_name}") from exc
         except TimeoutError as exc:
@@ -266,6 +275,8 @@ class RadosConnection:
         while self._in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         ioctxs, self._ioctxs = list(self._ioctxs.values()), {}
+        if self.localized is not None:
+            await self.localized.close()
 
         def shutdown() -> None:
             for io in ioctxs:
@@ -419,23 +430,31 @@ class RadosStore:
     async def _manifest(self, io: Any, pool: str, key: str) -> Manifest | None:
         """The object's manifest; None for a RADOS object that has none (a part, or not ours)."""
         rados = self.connection.rados
+        localized = self.connection.localized
         try:
-            raw = await asyncio.to_thread(io.get_xattr, key, MANIFEST_XATTR)
+            if localized is not None:
+                raw = await localized.get_xattr(pool, key, MANIFEST_XATTR)
+                if raw is None:
+                    return None
+            else:
+                raw = await asyncio.to_thread(io.get_xattr, key, MANIFEST_XATTR)
         except rados.NoData:
             return None
         except rados.ObjectNotFound as exc:
             raise RadosError(f"RADOS object {pool}/{key} does not exist", errno.ENOENT) from exc
         except rados.Error as exc:
             raise _rados_error(exc, f"read manifest of {pool}/{key}") from exc
+        except StorageError as exc:  # a localized read
+            if getattr(exc, "errno", None) == errno.ENOENT:
+                raise RadosError(f"RADOS object {pool}/{key} does not exist", errno.ENOENT) from exc
+            raise
         try:
             head = json.loads(raw)
             length = int(head["manifest_bytes"]) if head.get("layout") == "parts" else None
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise StorageError(f"{pool}/{key}: unreadable manifest: {exc}") from exc
         if length is not None:  # a multi-part object: the whole manifest is its data
-            rv, data = await self.connection.aio(lambda cb: io.aio_read(key, length, 0, oncomplete=cb),
-                                                 f"read manifest of {pool}/{key}")
-            raw = data[:rv]
+            raw = await self._read(io, pool, key, length, f"read manifest of {pool}/{key}")
         manifest = Manifest.decode(raw, f"{pool}/{key}")
         if length is not None and (manifest.size, manifest.digest) != (head.get("size"), head.get("digest")):
             raise StorageError(f"{pool}/{key}: the manifest does not match its extended attribute")
@@ -445,12 +464,7 @@ class RadosStore:
         """One part, whole, its SHA-256 checked."""
         size, expected = manifest.parts[index]
         name = key if manifest.inline else part_name(key, index)
-        if size == 0:
-            data = b""
-        else:
-            rv, raw = await self.connection.aio(lambda cb: io.aio_read(name, size, 0, oncomplete=cb),
-                                                f"read {pool}/{name}")
-            data = raw[:rv]
+        data = b"" if size == 0 else await self._read(io, pool, name, size, f"read {pool}/{name}")
         if len(data) != size:
             raise StorageError(f"RADOS object {pool}/{name} holds {len(data)} bytes, its manifest says {size}")
         if len(data) > _HASH_INLINE:
@@ -460,6 +474,13 @@ class RadosStore:
         if actual != expected:
             raise StorageError(f"RADOS object {pool}/{name} is corrupt: sha256 {actual}, its manifest says {expected}")
         return data
+
+    async def _read(self, io: Any, pool: str, name: str, length: int, what: str) -> bytes:
+        """Up to `length` bytes of RADOS object `name`: from the nearest copy with storage.rados.localize_reads."""
+        if self.connection.localized is not None:
+            return await self.connection.localized.read(pool, name, length)
+        rv, raw = await self.connection.aio(lambda cb: io.aio_read(name, length, 0, oncomplete=cb), what)
+        return raw[:rv]
 
     async def _open(self, location: str) -> tuple[Any, str, str, Manifest]:
         pool, key = split_location(location)

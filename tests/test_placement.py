@@ -13,6 +13,7 @@ read back bit for bit by WADO-RS (PS3.18 10.4) from whichever pool holds it.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -25,6 +26,7 @@ from pydicom.uid import generate_uid
 from archive.index import Index
 from archive.instance import split_part10
 from gateway.runtime import Runtime
+from tests.conftest import run_tool
 from tests.ceph_policy import (DC_A_OSDS, DC_B_OSDS, POLICY, acting_sets, cluster3, make_ct, monitor, part10,
                                pool_objects, purge, sha256, stow, storage_for, storescu)
 
@@ -167,3 +169,65 @@ rules:
     classes = dict(await index.pool.fetch("SELECT sop_instance_uid, storage_class FROM instance"))
     assert classes == {mr_dimse.SOPInstanceUID: "all-dc", ct_dimse.SOPInstanceUID: "default",
                        mr_web.SOPInstanceUID: "default", ct_web.SOPInstanceUID: "regional"}
+
+
+async def osd_reads(cluster: dict[str, Any]) -> dict[int, int]:
+    """Read operations each OSD has served so far (its admin socket's perf counter osd.op_r)."""
+    out = {}
+    for osd in cluster["osds"]:
+        dump = await run_tool("/usr/bin/ceph", "--admin-daemon", Path(osd["pid_file"]).with_suffix(".asok"),
+                              "perf", "dump")
+        out[osd["id"]] = json.loads(dump.stdout)["osd"]["op_r"]
+    return out
+
+
+async def test_localized_reads_come_from_the_nearest_copy(ceph3: dict[str, Any], vna_factory: Callable[..., Any],
+                                                          index: Index, tmp_path: Path,
+                                                          http: aiohttp.ClientSession) -> None:
+    """storage.rados.crush_location + localize_reads: a vna in dc-b reads North Hospital's all-dc instances (one
+    copy per datacentre) from osd.2, the dc-b copy, not from each object's primary; one in dc-a from dc-a."""
+    policy_file = tmp_path / "policy.yaml"
+    policy_file.write_text(POLICY)
+    sent = []
+    writer: Runtime = await vna_factory(storage=storage_for(ceph3, policy_file))
+    assert writer.ports is not None
+    study = generate_uid()
+    for n in range(100):
+        ds = make_ct("North Hospital", study=study, series=generate_uid() if n % 10 == 0 else ds.SeriesInstanceUID,
+                     n=n, size=16)
+        sent.append((ds.SeriesInstanceUID, ds.SOPInstanceUID, part10(ds)))
+    await stow(http, writer.ports.http, [s[2] for s in sent])
+
+    async def read_all(rt: Runtime) -> dict[int, int]:
+        assert rt.ports is not None
+        before = await osd_reads(ceph3)
+        for series, sop, data in sent:  # PS3.18 10.4.1.1.1 Retrieve Instance
+            url = f"http://127.0.0.1:{rt.ports.http}/dicomweb/studies/{study}/series/{series}/instances/{sop}"
+            async with http.get(url, headers={"Accept": 'multipart/related; type="application/dicom"'}) as r:
+                assert r.status == 200 and data in await r.read()
+        after = await osd_reads(ceph3)
+        return {osd: after[osd] - before[osd] for osd in after}
+
+    primaries = await read_all(writer)  # every read from the object's primary, in either datacentre
+    total = sum(primaries.values())
+    assert total >= 200 and primaries[2] < 0.7 * total  # the primaries are spread over both datacentres
+
+    # A copy other than the primary serves a read only once it knows the object's last write committed on
+    # every copy (else it sends the read back to the primary); the primary tells the others with later
+    # operations or its periodic lease, a few seconds after the last write at most. Then most reads are local.
+    async def read_locally(crush_location: str, local: set[int]) -> tuple[dict[int, int], float]:
+        rt = await vna_factory(storage=storage_for(ceph3, policy_file, crush_location=crush_location,
+                                                   localize_reads=True))
+        started = time.monotonic()
+        while True:
+            counts = await read_all(rt)
+            if sum(counts[o] for o in local) >= 0.8 * total or time.monotonic() - started > 30:
+                return counts, time.monotonic() - started
+            await asyncio.sleep(0.5)
+
+    in_dc_b, waited_b = await read_locally("datacenter=dc-b host=h3", DC_B_OSDS)
+    in_dc_a, waited_a = await read_locally("datacenter=dc-a host=h1", DC_A_OSDS)
+    print(f"\nOSD reads of 100 instances (manifest + data each): from the primaries {primaries}, "
+          f"from dc-b {in_dc_b} (after {waited_b:.1f} s), from dc-a {in_dc_a} (after {waited_a:.1f} s)")
+    assert in_dc_b[2] >= 0.8 * total
+    assert in_dc_a[0] + in_dc_a[1] >= 0.8 * total
