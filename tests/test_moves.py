@@ -34,6 +34,7 @@ from pydicom.uid import generate_uid
 from archive.config import IngestSettings, Settings
 from archive.errors import MisuseError
 from archive.index import Index
+from archive.instance import split_part10
 from archive.ingest import Ingestor, sweep_orphans
 from archive.moves import Mover, pending_counts
 from archive.policy import parse_policy
@@ -369,11 +370,13 @@ rules:
     rt: Runtime = await vna_factory(storage=storage_for(ceph3, policy_file))
     assert rt.ports is not None and rt.stores is not None
     study = generate_uid()
-    files = []
+    files, datasets = [], {}
     for n, modality in enumerate(("MR", "MR", "CT", "CT")):
         ds = make_ct("South Clinic", study=study, series=generate_uid(), n=n, size=32, modality=modality)
+        data = part10(ds)
+        datasets[ds.SOPInstanceUID] = data[split_part10(data)[1]:]
         files.append(tmp_path / f"{n}.dcm")
-        files[-1].write_bytes(part10(ds))
+        files[-1].write_bytes(data)
     await storescu(rt.ports.dicom, files)
     found = await rows(index)
     assert sorted(r["storage_class"] for r in found.values()) == ["cold", "cold", "regional", "regional"]
@@ -386,7 +389,6 @@ rules:
     async with monitor(ceph3) as mon:
         assert await pool_objects(mon, "vna-cold") == {r["location"].removeprefix("vna-cold/") for r in after.values()}
         assert await pool_objects(mon, "vna-dc-a") == set()
-    for sop, r in after.items():
+    for sop, r in after.items():  # the stored PS3.10 file: our File Meta Information, the data set as sent
         data = await rt.stores.for_location(r["store"], r["location"]).get(r["location"], timeout=10)
-        assert sha256(data) == r["digest"] and data.endswith(next(f.read_bytes()[-64:] for f in files
-                                                                   if sop in f.read_bytes().decode("latin-1")))
+        assert sha256(data) == r["digest"] and data.endswith(datasets[sop])
