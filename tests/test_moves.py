@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 import signal
 import sys
@@ -392,3 +393,35 @@ rules:
     for sop, r in after.items():  # the stored PS3.10 file: our File Meta Information, the data set as sent
         data = await rt.stores.for_location(r["store"], r["location"]).get(r["location"], timeout=10)
         assert sha256(data) == r["digest"] and data.endswith(datasets[sop])
+
+
+async def test_limit_moves_at_most_that_many_per_run(fs_archive: tuple[StoreRegistry, Ingestor], index: Index) -> None:
+    stores, ingestor = fs_archive
+    for _study, _series, _sop, data in south_clinic(5, size=8):
+        await ingestor.ingest_part10(data, protocol="dicomweb", source="dicomweb")
+    mover = Mover(index.pool, stores, Metrics(), grace_seconds=0)
+    assert [(await mover.run(limit=2)).moved for _ in range(4)] == [2, 2, 1, 0]
+    assert {r["storage_class"] for r in (await rows(index)).values()} == {"slow"}
+
+
+async def test_a_server_applies_the_policy_periodically(vna_factory: Callable[..., Any], index: Index,
+                                                        tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    """storage.moves.interval_seconds: the server moves by itself and counts the moves in its own /metrics."""
+    policy_file = tmp_path / "policy.yaml"
+    policy_file.write_text(json.dumps(FS_POLICY))  # JSON is YAML
+    rt: Runtime = await vna_factory(storage={"policy_file": policy_file,
+                                             "moves": {"interval_seconds": 0.2, "grace_seconds": 0}})
+    assert rt.ports is not None
+    sent = south_clinic(3, size=8)
+    await stow(http, rt.ports.http, [s[3] for s in sent])
+    for _ in range(100):
+        if {r["storage_class"] for r in (await rows(index)).values()} == {"slow"}:
+            break
+        await asyncio.sleep(0.1)
+    found = await rows(index)
+    assert {r["storage_class"] for r in found.values()} == {"slow"}
+    assert all(r["location"].startswith("slow/") for r in found.values())
+    async with http.get(f"http://127.0.0.1:{rt.ports.http}/metrics") as r:
+        text = await r.text()
+    assert 'vna_storage_moves_total{outcome="moved"} 3.0' in text
+    assert f"vna_storage_move_bytes_total {float(sum(r['size'] for r in found.values()))}" in text
