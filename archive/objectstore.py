@@ -68,7 +68,8 @@ class FileSystemStore:
         self._fsync = fsync
 
     def _path(self, location: str) -> Path:
-        p = (self.root / location).resolve()
+        # normpath, not resolve(): a pure string operation, safe on the event loop (no stat calls)
+        p = Path(os.path.normpath(self.root / location))
         if self.root not in p.parents:
             raise StorageError(f"location {location!r} escapes the store")
         return p
