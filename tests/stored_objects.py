@@ -42,7 +42,8 @@ class StoredObjects:
 
     @classmethod
     def of(cls, settings: Settings) -> StoredObjects:
-        """The store a server with these settings writes to (`rt.settings`)."""
+        """The store a server with these settings writes to (`rt.settings`): its root, or its RADOS pool
+        (storage.rados.pool: the default storage class's; a policy file's other classes are not seen)."""
         if settings.storage.backend is StorageBackend.rados:
             return cls(rados=settings.storage.rados)
         return cls(root=settings.object_root)
