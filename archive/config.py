@@ -58,6 +58,15 @@ class HttpSettings(_Section):
     host: str = "0.0.0.0"
     port: int = Field(8080, ge=0, le=65535)
     drain_timeout: float = Field(20.0, gt=0)
+    # a built single-page web viewer (e.g. OHIF's dist/) served same-origin at "/"; None: no viewer
+    viewer_dir: Path | None = None
+
+    @field_validator("viewer_dir")
+    @classmethod
+    def _viewer(cls, v: Path | None) -> Path | None:
+        if v is not None and not (v / "index.html").is_file():
+            raise ValueError(f"{v} has no index.html (give the viewer's built dist/ directory)")
+        return v
 
 
 class DicomwebSettings(_Section):

@@ -128,7 +128,8 @@ class Runtime:
                             stores=stores)
         services = ArchiveServices(index=index, store=store, ingestor=ingestor, stores=stores)
 
-        runner = web.AppRunner(build_app(self.metrics, lambda: self.ready, services, s.dicomweb), handle_signals=False,
+        runner = web.AppRunner(build_app(self.metrics, lambda: self.ready, services, s.dicomweb,
+                                         viewer_dir=s.http.viewer_dir), handle_signals=False,
                                shutdown_timeout=s.http.drain_timeout)
         await runner.setup()
         self._stack.push_async_callback(runner.cleanup)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -71,8 +73,44 @@ def cors_middleware(origins: tuple[str, ...]):  # type: ignore[no-untyped-def]
     return middleware
 
 
+def add_viewer_routes(app: web.Application, viewer_dir: Path, reserved: tuple[str, ...]) -> None:
+    """Serve a built single-page viewer (e.g. OHIF v3's dist/) same-origin at "/", after all other routes.
+
+    At "/" because OHIF's published dist/ is built for the site root: index.html loads /app-config.js
+    and webpack's public path is "/". Files under `viewer_dir` are served as they are; any other path
+    whose last segment has no file extension gets index.html, as the viewer routes client-side
+    (/viewer?StudyInstanceUIDs=...). Paths under `reserved` (DICOMweb root, /wado, health, metrics)
+    never get the viewer, so an unknown DICOMweb URL is still a 404. Registered last: the routes
+    added before it match first.
+    """
+    root = viewer_dir.resolve()
+    index_html = root / "index.html"
+    prefixes = tuple(p.rstrip("/") for p in reserved if p.strip("/"))
+
+    def locate(rel: str) -> Path | None:
+        target = (root / rel).resolve()
+        if target.is_relative_to(root) and target.is_file():
+            return target
+        if "." in rel.rsplit("/", 1)[-1]:
+            return None  # a missing asset: 404, not the app
+        return index_html
+
+    async def serve(request: web.Request) -> web.StreamResponse:
+        path = request.path
+        if any(path == p or path.startswith(p + "/") for p in prefixes):
+            raise web.HTTPNotFound()
+        target = await asyncio.to_thread(locate, request.match_info["path"])
+        if target is None:
+            raise web.HTTPNotFound()
+        # index.html names the hashed bundles of this build: revalidate it, so an upgrade is picked up
+        headers = {"Cache-Control": "no-cache"} if target == index_html else None
+        return web.FileResponse(target, headers=headers)
+
+    app.router.add_get("/{path:.*}", serve)
+
+
 def build_app(metrics_: Metrics, ready: Callable[[], bool], services: ArchiveServices | None = None,
-              settings: DicomwebSettings | None = None) -> web.Application:
+              settings: DicomwebSettings | None = None, *, viewer_dir: Path | None = None) -> web.Application:
     settings = settings or DicomwebSettings()
     app = web.Application(middlewares=[cors_middleware(settings.cors_origins)],
                           client_max_size=settings.max_stow_bytes)
@@ -85,4 +123,6 @@ def build_app(metrics_: Metrics, ready: Callable[[], bool], services: ArchiveSer
         app[dicomweb.SERVICES_KEY] = services
         app[dicomweb.SETTINGS_KEY] = settings
         dicomweb.add_routes(app, settings)
+    if viewer_dir is not None:
+        add_viewer_routes(app, viewer_dir, reserved=(settings.root, "/wado", "/livez", "/readyz", "/metrics"))
     return app
