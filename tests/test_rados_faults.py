@@ -267,12 +267,15 @@ async def test_osd_stopped_during_ingest(store_settings: dict[str, Any], vna_fac
         await pool.close()
     assert {r["sop_instance_uid"] for r in rows} == acknowledged
     objects = StoredObjects.of(rt.settings)
-    stored = await objects.contents()  # read with librados: sizes and digests checked against the manifests
+    present = await objects.locations()
     for r in rows:
-        assert r["location"] in stored, f"row {r['sop_instance_uid']} names a missing object"
-        data = stored[r["location"]]
+        assert r["location"] in present, f"row {r['sop_instance_uid']} names a missing object"
+        data = await objects.read(r["location"])  # librados: size and digests checked against the manifest
         assert len(data) == r["size"] and dataset_bytes_of(data) == dataset_bytes(sent[r["sop_instance_uid"]])
-    orphans = stored.keys() - {r["location"] for r in rows}
+    # A write the client gave up on (ETIMEDOUT) may still land when the OSD resumes, a manifest without
+    # its parts or parts without a manifest: garbage of a failed instance, for the orphan sweeper. Such
+    # objects are not read; they must only belong to instances that were reported as failed.
+    orphans = present - {r["location"] for r in rows}
     assert {sop_of(loc) for loc in orphans} <= failed
 
     # after the OSD is back: new stores succeed, and everything acknowledged is there bit for bit
