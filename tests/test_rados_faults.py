@@ -24,7 +24,6 @@ import re
 import signal
 import socket
 import subprocess
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -36,14 +35,14 @@ import numpy as np
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
-from pynetdicom import AE, build_role, evt
+from pynetdicom import AE
 from pynetdicom import _config as pynetdicom_config
-from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet
 
 from archive.database import create_pool
 from gateway.runtime import Runtime
 from tests.conftest import DCMTK, run_tool
 from tests.stored_objects import PART_SUFFIX, StoredObjects
+from tests.test_rados_store import c_get as c_get_study  # PS3.4 C.4.3 with pynetdicom
 
 SUCCESS, OUT_OF_RESOURCES, PROCESSING_FAILURE = 0x0000, 0xA700, 0x0110
 STOPPED_FOR = 5.0      # seconds the OSD stays stopped
@@ -123,30 +122,6 @@ async def paced_stow(http: aiohttp.ClientSession, url: str, batches: list[list[t
             outcomes[item["00081155"]["Value"][0]] = item["00081197"]["Value"][0]
         assert {sop for sop, _ in batch} <= outcomes.keys(), "an instance of the request has no outcome"
         await asyncio.sleep(pause)
-
-
-def c_get_study(port: int, study: str) -> tuple[int, dict[str, bytes]]:
-    """C-GET a study (PS3.4 C.4.3) with pynetdicom: final status and each data set as received."""
-    received: dict[str, bytes] = {}
-    lock = threading.Lock()
-
-    def on_store(event: evt.Event) -> int:
-        with lock:
-            received[event.request.AffectedSOPInstanceUID] = event.request.DataSet.getvalue()
-        return SUCCESS
-
-    ae = AE(ae_title="GETSCU")
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
-    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
-    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
-    assoc = ae.associate("127.0.0.1", port, ae_title="VNA", ext_neg=[build_role(CTImageStorage, scp_role=True)],
-                         evt_handlers=[(evt.EVT_C_STORE, on_store)])
-    assert assoc.is_established
-    query = Dataset()
-    query.QueryRetrieveLevel, query.StudyInstanceUID = "STUDY", study
-    statuses = [status.Status for status, _ in assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet)]
-    assoc.release()
-    return statuses[-1], received
 
 
 async def wado_instance(http: aiohttp.ClientSession, url: str) -> bytes:
