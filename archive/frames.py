@@ -212,6 +212,16 @@ def parse_layout(data: bytes, transfer_syntax_uid: str, *, offset: int = 0,
         number_of_frames=max(frames, 1), photometric_interpretation=_text(data, elements.get(_PHOTOMETRIC)))
 
 
+def us_value(layout: DataSetLayout, tag: int) -> int | None:
+    """The first value of a top-level US element (None: absent or empty)."""
+    return _first_us(layout.data, layout.elements.get(tag), "<" if layout.little_endian else ">")
+
+
+def text_value(layout: DataSetLayout, tag: int) -> str:
+    """The first value of a top-level text element (DS, IS, CS...), stripped ("" if absent)."""
+    return _text(layout.data, layout.elements.get(tag))
+
+
 def _swapped(value: bytes, width: int) -> bytes:
     """`value` with every `width`-byte word reversed (big to little endian)."""
     if width < 2 or len(value) % width:
@@ -296,7 +306,7 @@ def native_frame_span(layout: DataSetLayout, index: int) -> FrameSpan:
     return FrameSpan(first, last - first, start_bit % 8, bits, swap, lead)
 
 
-def frame_from_span(raw: bytes, span: FrameSpan) -> bytes:
+def frame_from_span(raw: bytes | memoryview, span: FrameSpan) -> bytes | memoryview:
     """The frame, little endian, from the `span.length` bytes read at `span.offset`."""
     if len(raw) != span.length:
         raise MalformedPixelData(f"the object ends inside the pixel data ({len(raw)} of {span.length} bytes)")
@@ -309,10 +319,11 @@ def frame_from_span(raw: bytes, span: FrameSpan) -> bytes:
     return as_int.to_bytes((span.bits + 7) // 8, "little")
 
 
-def native_frame(layout: DataSetLayout, index: int) -> bytes:
-    """Frame `index` (0-based) of native pixel data, little endian, from a layout of the whole object."""
+def native_frame(layout: DataSetLayout, index: int) -> bytes | memoryview:
+    """Frame `index` (0-based) of native pixel data, little endian, from a layout of the whole object
+    (a view of `layout.data` when no bytes need swapping)."""
     span = native_frame_span(layout, index)
-    return frame_from_span(layout.data[span.offset:span.offset + span.length], span)
+    return frame_from_span(memoryview(layout.data)[span.offset:span.offset + span.length], span)
 
 
 def _fragments(layout: DataSetLayout) -> tuple[list[int], list[tuple[int, int, int]]]:
@@ -379,16 +390,19 @@ def encapsulated_frame_spans(layout: DataSetLayout) -> list[list[tuple[int, int]
     return frames
 
 
-def encapsulated_frames(layout: DataSetLayout, indices: list[int]) -> list[bytes]:
-    """The compressed bitstream of each frame in `indices` (0-based), as stored."""
+def encapsulated_frames(layout: DataSetLayout, indices: list[int]) -> list[bytes | memoryview]:
+    """The compressed bitstream of each frame in `indices` (0-based), as stored: a view of
+    `layout.data` for a frame in one fragment, the fragments joined otherwise."""
     for index in indices:
         _check_index(layout, index)
     spans = encapsulated_frame_spans(layout)
-    out = []
+    view = memoryview(layout.data)
+    out: list[bytes | memoryview] = []
     for index in indices:
         if index >= len(spans):
             raise MalformedPixelData(f"the pixel data holds {len(spans)} frames, not {layout.number_of_frames}")
-        out.append(b"".join(layout.data[o:o + n] for o, n in spans[index]))
+        pieces = [view[o:o + n] for o, n in spans[index]]
+        out.append(pieces[0] if len(pieces) == 1 else b"".join(pieces))
     return out
 
 
@@ -420,10 +434,11 @@ def frame_item_ranges(layout: DataSetLayout, basic_offset_table: bytes, first_fr
     return [(first_fragment + o, end) for o, end in zip(bot, ends)]
 
 
-def fragment_values(raw: bytes) -> bytes:
+def fragment_values(raw: bytes | memoryview) -> bytes | memoryview:
     """A frame from the items that hold it: their values joined, up to a Sequence Delimitation Item or
-    the end of `raw` (PS3.5 A.4: a frame is one or more fragments)."""
-    reader = _Reader(raw, True)
+    the end of `raw` (PS3.5 A.4: a frame is one or more fragments); a view of `raw` for one fragment."""
+    raw = memoryview(raw)
+    reader = _Reader(raw, True)  # type: ignore[arg-type]
     values, pos = [], 0
     while pos < len(raw):
         tag, _, length, value = reader.header(pos, False)
@@ -433,10 +448,10 @@ def fragment_values(raw: bytes) -> bytes:
             raise MalformedPixelData("the offset table does not point at whole fragments")
         values.append(raw[value:value + length])
         pos = value + length
-    return b"".join(values)
+    return values[0] if len(values) == 1 else b"".join(values)
 
 
-def frames(layout: DataSetLayout, indices: list[int]) -> list[bytes]:
+def frames(layout: DataSetLayout, indices: list[int]) -> list[bytes | memoryview]:
     """Frames `indices` (0-based) as stored: compressed bitstreams, or native little endian bytes."""
     if layout.encapsulated:
         return encapsulated_frames(layout, indices)

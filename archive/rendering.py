@@ -20,6 +20,7 @@ Output is 8 bits per sample, encoded by Pillow as JPEG, PNG or GIF.
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 from collections.abc import Sequence
@@ -34,6 +35,7 @@ from pydicom.multival import MultiValue
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, pixel_array
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from archive import frames as px
 from archive.errors import MisuseError
 
 JPEG, PNG, GIF = "image/jpeg", "image/png", "image/gif"
@@ -150,8 +152,21 @@ def number_of_frames(ds: Dataset) -> int:
         return 1
 
 
-def render(data: bytes, frames: Sequence[int], rendering: Rendering) -> list[bytes]:
-    """Render each 1-based frame of the stored PS3.10 `data` as `rendering.media_type`."""
+def render(data: bytes, frames: Sequence[int], rendering: Rendering, *,
+           transfer_syntax_uid: str | None = None, dataset_offset: int | None = None) -> list[bytes]:
+    """Render each 1-based frame of the stored PS3.10 `data` as `rendering.media_type`.
+
+    With the object's transfer syntax and data set offset (the index knows both), native grayscale
+    and RGB pixel data take the fast path (`native_image`); anything else is decoded by pydicom."""
+    if transfer_syntax_uid is not None and dataset_offset is not None:
+        image = native_image(data, transfer_syntax_uid, dataset_offset)
+        if image is not None:
+            return [render_native_frame(image, n, rendering) for n in frames]
+    return render_pydicom(data, frames, rendering)
+
+
+def render_pydicom(data: bytes, frames: Sequence[int], rendering: Rendering) -> list[bytes]:
+    """`render` by a full pydicom parse and decode: every photometric interpretation and codec."""
     ds = read_instance(data)
     return [render_frame(ds, n, rendering) for n in frames]
 
@@ -338,6 +353,186 @@ def encode(image: Image.Image, media_type: str, quality: int = 90) -> bytes:
     else:
         image.save(buf, _PILLOW_FORMAT[media_type])
     return buf.getvalue()
+
+
+# -- the fast path: native grayscale and RGB pixel data, without pydicom -------------------------------
+#
+# Most stored images are uncompressed MONOCHROME1/2 or RGB of 8 or 16 bits. For those, the attributes
+# the pipeline needs are read from the top-level elements (archive/frames.py, struct only), the frame is
+# a numpy view of the stored bytes, and the Modality, VOI and Presentation steps collapse into one
+# lookup table indexed by the stored bit pattern: the same float arithmetic as the pydicom path, done
+# once per possible value (2**Bits Allocated) instead of once per pixel, so both paths give the same
+# 8-bit values. Anything else (compressed, big endian, PALETTE COLOR, YBR_*, Modality or VOI LUT Sequences, enhanced
+# objects with functional groups, 1- or 32-bit samples) returns None from `native_image`: pydicom.
+
+_SAMPLES, _PHOTOMETRIC, _PLANAR = 0x00280002, 0x00280004, 0x00280006
+_BITS_STORED, _PIXEL_REPRESENTATION = 0x00280101, 0x00280103
+_WINDOW_CENTER, _WINDOW_WIDTH, _VOI_LUT_FUNCTION = 0x00281050, 0x00281051, 0x00281056
+_RESCALE_INTERCEPT, _RESCALE_SLOPE = 0x00281052, 0x00281053
+_MODALITY_LUT_SEQUENCE, _VOI_LUT_SEQUENCE = 0x00283000, 0x00283010
+_FLOAT_PIXEL_DATA, _DOUBLE_FLOAT_PIXEL_DATA = 0x7FE00008, 0x7FE00009
+_SHARED_GROUPS, _PER_FRAME_GROUPS = 0x52009229, 0x52009230
+# present, these need what only the pydicom path implements
+_FALLBACK_ELEMENTS = (_MODALITY_LUT_SEQUENCE, _VOI_LUT_SEQUENCE, _FLOAT_PIXEL_DATA, _DOUBLE_FLOAT_PIXEL_DATA, _SHARED_GROUPS,
+                      _PER_FRAME_GROUPS)
+
+
+@dataclass(frozen=True, slots=True)
+class NativeImage:
+    """Native little endian MONOCHROME1/2 or RGB pixel data located in a stored object."""
+
+    data: bytes                 # the stored object: frames are views of it
+    pixel_offset: int
+    frames: int
+    rows: int
+    columns: int
+    samples: int                # 1 (MONOCHROME1/2) or 3 (RGB)
+    bits_allocated: int         # 8 or 16
+    bits_stored: int
+    signed: bool
+    planar: bool                # PS3.3 C.7.6.3.1.3: RGB stored plane by plane
+    monochrome1: bool
+    rescale: tuple[float, float] | None   # (slope, intercept)
+    window: Window | None                 # the stored one (PS3.3 C.11.2.1.2)
+
+    @property
+    def frame_bytes(self) -> int:
+        return self.rows * self.columns * self.samples * self.bits_allocated // 8
+
+
+def _text_number(text: str) -> float | None:
+    return _first_number(text) if text else None
+
+
+def native_image(data: bytes, transfer_syntax_uid: str, dataset_offset: int) -> NativeImage | None:
+    """The stored object's pixel data if the fast path can render it, else None (use pydicom)."""
+    if transfer_syntax_uid not in NATIVE_TRANSFER_SYNTAXES:
+        return None
+    try:
+        layout = px.parse_layout(data, transfer_syntax_uid, offset=dataset_offset)
+    except (px.MalformedPixelData, MisuseError, ValueError):
+        return None  # pydicom says what is wrong with it
+    pixel = layout.elements.get(px.PIXEL_DATA)
+    if pixel is None or pixel.length is None or any(t in layout.elements for t in _FALLBACK_ELEMENTS):
+        return None
+    photometric = layout.photometric_interpretation.upper()
+    samples, bits = layout.samples_per_pixel, layout.bits_allocated
+    bits_stored = px.us_value(layout, _BITS_STORED) or bits
+    signed = px.us_value(layout, _PIXEL_REPRESENTATION) == 1
+    if photometric in ("MONOCHROME1", "MONOCHROME2"):
+        if samples != 1 or bits not in (8, 16):
+            return None
+    elif photometric == "RGB":
+        # 8-bit RGB is sent as stored; Bits Stored below 8 or signed colour are rare enough for pydicom
+        if samples != 3 or bits not in (8, 16) or signed or (bits == 8 and bits_stored != 8):
+            return None
+    else:
+        return None
+    if not 1 <= bits_stored <= bits or layout.rows <= 0 or layout.columns <= 0:
+        return None
+    # pydicom refuses pixel data shorter than all the frames it announces: so does the fast path
+    if pixel.length < layout.number_of_frames * layout.rows * layout.columns * samples * bits // 8:
+        return None
+    slope = _text_number(px.text_value(layout, _RESCALE_SLOPE))
+    intercept = _text_number(px.text_value(layout, _RESCALE_INTERCEPT))
+    center = _text_number(px.text_value(layout, _WINDOW_CENTER))
+    width = _text_number(px.text_value(layout, _WINDOW_WIDTH))
+    window = None
+    if center is not None and width is not None:
+        try:
+            window = Window(center, width, px.text_value(layout, _VOI_LUT_FUNCTION).upper() or "LINEAR")
+        except RenderError:
+            window = None  # an invalid stored window: the frame's range, as in _stored_window
+    return NativeImage(
+        data=layout.data, pixel_offset=pixel.offset, frames=layout.number_of_frames, rows=layout.rows,
+        columns=layout.columns, samples=samples, bits_allocated=bits, bits_stored=bits_stored, signed=signed,
+        planar=samples == 3 and px.us_value(layout, _PLANAR) == 1, monochrome1=photometric == "MONOCHROME1",
+        rescale=(slope, intercept) if slope is not None and intercept is not None else None, window=window)
+
+
+def _stored_values(bits_allocated: int, bits_stored: int, signed: bool) -> np.ndarray:
+    """Every bit pattern of a sample as pydicom reads it: signed or not, unused high bits corrected by
+    shifting them out (PS3.5 8.1.1; pydicom's `correct_unused_bits`). Indexed by the pattern."""
+    unsigned = np.arange(1 << bits_allocated, dtype=np.uint16 if bits_allocated == 16 else np.uint8)
+    values = unsigned.view(unsigned.dtype.str.replace("u", "i")) if signed else unsigned
+    shift = bits_allocated - bits_stored
+    if shift:
+        values = np.right_shift(np.left_shift(values, shift), shift)
+    return values
+
+
+@functools.lru_cache(maxsize=64)
+def _grey_lut(bits_allocated: int, bits_stored: int, signed: bool, rescale: tuple[float, float] | None,
+              window: Window | None, low_high: tuple[float, float] | None, monochrome1: bool) -> np.ndarray:
+    """uint8 for every stored bit pattern after the Modality LUT, the VOI (`window`, else the frame's
+    `low_high` mapped linearly) and MONOCHROME1's inversion: `frame_to_8bit`'s arithmetic, per value."""
+    values = _stored_values(bits_allocated, bits_stored, signed).astype(np.float64)
+    if rescale is not None:
+        values = values * rescale[0] + rescale[1]
+    if window is not None:
+        # a SIGMOID's exp overflows to inf far from the center, giving 0 as it should
+        with np.errstate(over="ignore"):
+            out = apply_window(values, window)
+    else:
+        assert low_high is not None
+        low, high = low_high
+        out = np.zeros_like(values) if high <= low else (values - low) * (255.0 / (high - low))
+    if monochrome1:
+        out = 255.0 - out
+    lut = np.clip(np.floor(out + 0.5), 0, 255).astype(np.uint8)
+    lut.flags.writeable = False
+    return lut
+
+
+@functools.lru_cache(maxsize=8)
+def _colour_lut(bits_allocated: int, bits_stored: int) -> np.ndarray:
+    """`_to_uint8` of every stored bit pattern of an unsigned colour sample."""
+    lut = _to_uint8(_stored_values(bits_allocated, bits_stored, False), bits_stored)
+    lut.flags.writeable = False
+    return lut
+
+
+def _frame_range(image: NativeImage, raw: np.ndarray) -> tuple[float, float]:
+    """The frame's minimum and maximum in modality units (the VOI when there is no window)."""
+    stored = raw
+    if image.signed:
+        stored = stored.view(stored.dtype.str.replace("u", "i"))
+    shift = image.bits_allocated - image.bits_stored
+    if shift:
+        stored = np.right_shift(np.left_shift(stored, shift), shift)
+    ends = np.array([stored.min(), stored.max()], dtype=np.float64)
+    if image.rescale is not None:
+        # an affine map is monotonic in floating point too: its extremes are those of the stored values
+        ends = ends * image.rescale[0] + image.rescale[1]
+    return float(ends.min()), float(ends.max())
+
+
+def native_frame_to_8bit(image: NativeImage, frame: int, window: Window | None = None) -> np.ndarray:
+    """`frame_to_8bit` for a `NativeImage`: uint8, (rows, columns) or (rows, columns, 3)."""
+    if not 1 <= frame <= image.frames:
+        raise FrameOutOfRange(frame, image.frames)
+    dtype = np.dtype("<u2") if image.bits_allocated == 16 else np.dtype(np.uint8)
+    count = image.rows * image.columns * image.samples
+    raw = np.frombuffer(image.data, dtype=dtype, count=count,
+                        offset=image.pixel_offset + (frame - 1) * image.frame_bytes)
+    if image.samples == 3:
+        if image.planar:
+            raw = raw.reshape(3, image.rows, image.columns).transpose(1, 2, 0)
+        else:
+            raw = raw.reshape(image.rows, image.columns, 3)
+        if dtype == np.uint8:
+            return raw
+        return np.take(_colour_lut(image.bits_allocated, image.bits_stored), raw)
+    window = window or image.window
+    low_high = _frame_range(image, raw) if window is None else None
+    lut = _grey_lut(image.bits_allocated, image.bits_stored, image.signed, image.rescale, window, low_high,
+                    image.monochrome1)
+    return np.take(lut, raw).reshape(image.rows, image.columns)
+
+
+def render_native_frame(image: NativeImage, frame: int, rendering: Rendering) -> bytes:
+    pixels = native_frame_to_8bit(image, frame, rendering.window)
+    return encode(_fit(pixels, rendering.viewport, rendering.region), rendering.media_type, rendering.quality)
 
 
 def transcode_native(data: bytes, transfer_syntax: str) -> bytes:

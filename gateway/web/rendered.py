@@ -23,7 +23,9 @@ Query parameters (PS3.18 8.3.5.1): `window=center,width[,function]` (linear, lin
 ignored. A thumbnail without a viewport fits in 128x128. A bad parameter is 400 with the reason.
 
 Decoding and rendering run in a thread pool (pydicom, the pylibjpeg codecs, numpy and Pillow release
-the GIL for the heavy parts), never on the event loop.
+the GIL for the heavy parts), never on the event loop. Native MONOCHROME1/2 and RGB images skip
+pydicom: the index gives the data set's offset and transfer syntax, and archive.rendering reads the
+few attributes it needs and windows through a lookup table (`native_image`).
 """
 
 from __future__ import annotations
@@ -187,8 +189,7 @@ async def _index_call(call: Any) -> Any:
 async def locate_instance(request: web.Request, study: str, series: str, sop: str) -> LocatedInstance:
     """The stored instance with these UIDs; 404 when there is none."""
     index = request.app[dicomweb.SERVICES_KEY].index
-    query = Query(level=Level.IMAGE, keys=_uid_keys(study, series, sop), top=Level.STUDY)
-    found = await _index_call(index.locate(query, timeout=dicomweb.DB_TIMEOUT))
+    found = await _index_call(index.locate_by_uids(study, series, sop, timeout=dicomweb.DB_TIMEOUT))
     if not found:
         raise web.HTTPNotFound(reason="no such instance")
     return found[0]
@@ -261,6 +262,12 @@ async def run_in_pool(request: web.Request, fn: Callable[..., T], *args: Any) ->
         raise web.HTTPServiceUnavailable(reason="rendering took too long") from exc
 
 
+def _render(data: bytes, located: LocatedInstance, frames: list[int], rendering: Rendering) -> list[bytes]:
+    # the index knows where the data set starts: native pixel data then skips pydicom (the fast path)
+    return render(data, frames, rendering, transfer_syntax_uid=located.transfer_syntax_uid,
+                  dataset_offset=located.dataset_offset)
+
+
 def render_error(exc: RenderError) -> web.HTTPException:
     """A RenderError at the HTTP edge."""
     if isinstance(exc, NotAnImage):
@@ -275,7 +282,7 @@ async def render_located(request: web.Request, located: LocatedInstance, frames:
                          rendering: Rendering) -> list[bytes]:
     data = await fetch(request, located)
     try:
-        return await run_in_pool(request, render, data, frames, rendering)
+        return await run_in_pool(request, _render, data, located, frames, rendering)
     except RenderError as exc:
         raise render_error(exc) from exc
 
@@ -324,7 +331,7 @@ def _representative_handler(*, thumbnail: bool):  # type: ignore[no-untyped-def]
             async for located in candidates:
                 data = await fetch(request, located)
                 try:
-                    images = await run_in_pool(request, render, data, [1], rendering)
+                    images = await run_in_pool(request, _render, data, located, [1], rendering)
                 except (NotAnImage, UndecodablePixelData):
                     tried += 1
                     if tried >= MAX_REPRESENTATIVE_TRIES:

@@ -44,6 +44,9 @@ POOL_KEY = web.AppKey("wado_pool", ThreadPoolExecutor)
 STORE_TIMEOUT = 60.0
 # the first read of an object for its header; grown fourfold while the pixel data is not reached
 HEADER_READ = 64 * 1024
+# objects up to this many header reads (1 MiB) are read in one go: a header read then a frame read
+# would cost two store round trips for about as many bytes
+WHOLE_READ_HEADERS = 16
 
 ELE, ILE = px.EXPLICIT_VR_LITTLE_ENDIAN, px.IMPLICIT_VR_LITTLE_ENDIAN
 DICOM, OCTET = "application/dicom", "application/octet-stream"
@@ -133,16 +136,21 @@ async def _read_range(request: web.Request, inst: LocatedInstance, offset: int, 
     store = request.app[SERVICES_KEY].stores.for_location(inst.store, inst.location)
 
     async def read() -> bytes:
-        out = bytearray()
+        # the store's stream reads from an offset in chunks of the size asked: usually one chunk is the range
+        parts: list[bytes] = []
+        got = 0
         chunks = store.stream(inst.location, offset=offset, chunk_size=max(4096, min(length, 8 << 20)))
         try:
             async for chunk in chunks:
-                out += chunk
-                if len(out) >= length:
+                parts.append(chunk)
+                got += len(chunk)
+                if got >= length:
                     break
         finally:
             await chunks.aclose()  # type: ignore[attr-defined]
-        return bytes(out[:length])
+        if len(parts) == 1 and got == length:
+            return parts[0]
+        return b"".join(parts)[:length]
 
     async def read_in_time() -> bytes:
         try:
@@ -170,6 +178,8 @@ async def _parse(request: web.Request, data: bytes, inst: LocatedInstance, *, pr
 async def _open(request: web.Request, inst: LocatedInstance) -> _Object:
     """The elements up to the pixel data, reading no more of the object than they take (a frame of a
     large multi-frame object is then read alone: PS3.5 8.2 gives its position)."""
+    if inst.size <= WHOLE_READ_HEADERS * HEADER_READ:
+        return await _read_whole(request, inst)
     size = HEADER_READ
     while size < inst.size and not UID(inst.transfer_syntax_uid).is_deflated:
         prefix = await _read_range(request, inst, 0, size)
@@ -194,10 +204,10 @@ async def _whole(request: web.Request, obj: _Object) -> _Object:
     return obj if obj.data is not None else await _read_whole(request, obj.inst)
 
 
-async def _piece(request: web.Request, obj: _Object, offset: int, length: int) -> bytes:
-    """Bytes of the object at a layout offset: from what was read, else read now."""
+async def _piece(request: web.Request, obj: _Object, offset: int, length: int) -> bytes | memoryview:
+    """Bytes of the object at a layout offset: a view of what was read, else read now."""
     if offset + length <= len(obj.layout.data):
-        return obj.layout.data[offset:offset + length]
+        return memoryview(obj.layout.data)[offset:offset + length]
     return await _read_range(request, obj.inst, offset, length)
 
 
@@ -378,16 +388,31 @@ def _frame_numbers(text: str) -> list[int]:
     return numbers
 
 
-def _pixel_response(choice: _PixelChoice, parts: list[bytes]) -> web.Response:
+async def _send(request: web.Request, content_type: str, pieces: list[bytes | memoryview]) -> web.StreamResponse:
+    """A body of known length written piece by piece: frames go out as the views they are, uncopied."""
+    response = web.StreamResponse(headers={"Content-Type": content_type})
+    response.content_length = sum(len(p) for p in pieces)
+    await response.prepare(request)
+    if pieces and len(pieces[0]) > HEADER_READ:
+        # aiohttp sends the headers joined with the first write: send them alone rather than copy a frame
+        await response.write(b"")
+    for piece in pieces:
+        await response.write(piece)
+    await response.write_eof()
+    return response
+
+
+async def _pixel_response(request: web.Request, choice: _PixelChoice,
+                          parts: list[bytes | memoryview]) -> web.StreamResponse:
     part_type = f"{choice.media_type}; transfer-syntax={choice.transfer_syntax}"
     if not choice.multipart:
-        return web.Response(body=parts[0], headers={"Content-Type": part_type})
+        return await _send(request, part_type, parts[:1])
     writer = MultipartRelated(choice.media_type)
-    chunks = []
+    pieces: list[bytes | memoryview] = []
     for part in parts:
-        chunks += [writer.part_header(part_type), part]
-    chunks.append(writer.close())
-    return web.Response(body=b"".join(chunks), headers={"Content-Type": writer.content_type})
+        pieces += [writer.part_header(part_type), part]
+    pieces.append(writer.close())
+    return await _send(request, writer.content_type, pieces)
 
 
 def _no_pixel_media(inst: LocatedInstance) -> web.HTTPNotAcceptable:
@@ -397,7 +422,7 @@ def _no_pixel_media(inst: LocatedInstance) -> web.HTTPNotAcceptable:
                           f"{ELE} decoded)")
 
 
-async def _pixel_parts(request: web.Request, obj: _Object, indices: list[int]) -> web.Response:
+async def _pixel_parts(request: web.Request, obj: _Object, indices: list[int]) -> web.StreamResponse:
     inst = obj.inst
     choice = choose_pixel_media(request.headers.get("Accept"), inst.transfer_syntax_uid, obj.layout.encapsulated,
                                 len(indices))
@@ -418,10 +443,11 @@ async def _pixel_parts(request: web.Request, obj: _Object, indices: list[int]) -
             span = await _guarded(_sync(px.native_frame_span, obj.layout, index))
             raw = await _piece(request, obj, span.offset, span.length)
             parts.append(await _guarded(_sync(px.frame_from_span, raw, span)))
-    return _pixel_response(choice, parts)
+    return await _pixel_response(request, choice, parts)
 
 
-async def _frames_by_offset_table(request: web.Request, obj: _Object, indices: list[int]) -> list[bytes] | None:
+async def _frames_by_offset_table(request: web.Request, obj: _Object,
+                                  indices: list[int]) -> list[bytes | memoryview] | None:
     """Compressed frames read alone where an offset table locates them (PS3.5 A.4), so that a frame of
     a large multi-frame object costs one frame's read; None: no table, the fragments must be walked."""
     pixel = obj.layout.elements[px.PIXEL_DATA]
@@ -431,7 +457,7 @@ async def _frames_by_offset_table(request: web.Request, obj: _Object, indices: l
                                   obj.inst.size))
     if ranges is None:
         return None
-    parts = []
+    parts: list[bytes | memoryview] = []
     for index in indices:
         start, end = ranges[index]
         raw = await _piece(request, obj, start, end - start)
@@ -444,7 +470,7 @@ async def _sync(fn: Callable[..., T], *args: Any) -> T:
     return fn(*args)
 
 
-async def retrieve_frames(request: web.Request) -> web.Response:
+async def retrieve_frames(request: web.Request) -> web.StreamResponse:
     """GET .../instances/{sop}/frames/{list} (PS3.18 10.4.1.1.3)."""
     numbers = _frame_numbers(request.match_info["frames"])
     inst = (await _locate(request))[0]
@@ -509,7 +535,7 @@ def _octet_choice(header: str | None) -> bool | None:
     return None
 
 
-async def retrieve_bulk(request: web.Request) -> web.Response:
+async def retrieve_bulk(request: web.Request) -> web.StreamResponse:
     """GET .../instances/{sop}/bulk/{tag}: the target of the metadata's BulkDataURIs."""
     tag_text = request.match_info["tag"]
     if not re.fullmatch(r"[0-9A-Fa-f]{8}", tag_text):
@@ -559,7 +585,8 @@ async def retrieve_bulk(request: web.Request) -> web.Response:
                                                             "Accept-Ranges": "bytes"})
 
 
-async def _value_piece(request: web.Request, obj: _Object, el: px.Element, start: int, length: int) -> bytes:
+async def _value_piece(request: web.Request, obj: _Object, el: px.Element, start: int,
+                       length: int) -> bytes | memoryview:
     """Bytes [start, start + length) of a value, little endian, reading only the words they span."""
     width = px.swap_width(obj.layout, el)
     aligned = start - start % width if width else start
