@@ -1,17 +1,22 @@
-"""Localized RADOS reads: each read served by the copy nearest to this client in the CRUSH tree.
+"""RADOS reads through librados' C API: the manifest and the head of an object in one round trip, and,
+when asked, each read served by the copy nearest to this client in the CRUSH tree.
 
-librados sends a read to the object's primary OSD unless the operation carries
+One round trip: python3-rados 16.2 has no read step in its ReadOp and no asynchronous getxattr, so reading
+an object took two round trips (the manifest xattr through a worker thread, then aio_read). Here one read
+operation carries both steps (rados_read_op_getxattrs + rados_read_op_read of the first `length` bytes),
+which is the whole object for most DICOM instances.
+
+Localized reads: librados sends a read to the object's primary OSD unless the operation carries
 LIBRADOS_OPERATION_LOCALIZE_READS: then the client picks, among the OSDs holding the object, the one that
 shares the deepest CRUSH bucket with its own `crush_location` (e.g. "datacenter=dc-b host=h3"), so a vna in
 dc-b reads the dc-b copy of a pool with one copy per datacentre. A copy that cannot serve the read yet (the
 last write to the object not yet known to be committed everywhere) sends it back to the primary: reads stay
 consistent. (storage.rados.crush_location, storage.rados.localize_reads.)
 
-python3-rados 16.2 cannot put operation flags on a data read (its ReadOp has no read step), so this module
-drives librados' C API through ctypes: a client of its own (rados_t) configured as RadosConnection's plus
-`crush_location`, one I/O context per pool, and one read operation per call, completed asynchronously (the
-completion callback, on a librados thread, resolves an asyncio future with call_soon_threadsafe). Only
-reads go through it; writes, deletes and listings keep using RadosConnection.
+This module drives librados' C API through ctypes: a client of its own (rados_t) configured as
+RadosConnection's (plus `crush_location`), one I/O context per pool, and one read operation per call,
+completed asynchronously (the completion callback, on a librados thread, resolves an asyncio future with
+call_soon_threadsafe). Only reads go through it; writes, deletes and listings keep using RadosConnection.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ import threading
 import time
 from typing import Any
 
+import numpy as np
+
 from archive.config import RadosSettings
 from archive.errors import ConfigError, StorageError
 
@@ -31,21 +38,21 @@ LOCALIZE_READS = 2  # LIBRADOS_OPERATION_LOCALIZE_READS (librados.h)
 _CALLBACK = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p)
 
 
-class LocalizedReadError(StorageError):
+class ReadError(StorageError):
     def __init__(self, message: str, code: int | None = None) -> None:
         super().__init__(message)
         self.errno = code
 
 
-def _error(code: int, what: str) -> LocalizedReadError:
-    return LocalizedReadError(f"RADOS {what}: {errno.errorcode.get(code, str(code))} ({os.strerror(code)})", code)
+def _error(code: int, what: str) -> ReadError:
+    return ReadError(f"RADOS {what}: {errno.errorcode.get(code, str(code))} ({os.strerror(code)})", code)
 
 
 def _load() -> Any:
     try:
         lib = ctypes.CDLL("librados.so.2")
     except OSError as exc:
-        raise ConfigError(f"storage.rados.localize_reads needs librados.so.2: {exc}") from exc
+        raise ConfigError(f"storage.backend rados needs librados.so.2 (apt-get install librados2): {exc}") from exc
     lib.rados_create_read_op.restype = ctypes.c_void_p
     lib.rados_create2.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_char_p, ctypes.c_char_p, ctypes.c_uint64]
     lib.rados_conf_read_file.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
@@ -55,7 +62,7 @@ def _load() -> Any:
     lib.rados_ioctx_create.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.POINTER(ctypes.c_void_p)]
     lib.rados_ioctx_destroy.argtypes = [ctypes.c_void_p]
     lib.rados_release_read_op.argtypes = [ctypes.c_void_p]
-    lib.rados_read_op_read.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_size_t, ctypes.c_char_p,
+    lib.rados_read_op_read.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_size_t, ctypes.c_void_p,
                                        ctypes.POINTER(ctypes.c_size_t), ctypes.POINTER(ctypes.c_int)]
     lib.rados_read_op_getxattrs.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p),
                                             ctypes.POINTER(ctypes.c_int)]
@@ -70,11 +77,13 @@ def _load() -> Any:
     return lib
 
 
-class LocalizedReader:
-    """A second librados client that reads with LIBRADOS_OPERATION_LOCALIZE_READS (see the module docstring)."""
+class RadosReader:
+    """A second librados client for reads (see the module docstring); with `localize`, every read carries
+    LIBRADOS_OPERATION_LOCALIZE_READS."""
 
-    def __init__(self, settings: RadosSettings) -> None:
+    def __init__(self, settings: RadosSettings, *, localize: bool = False) -> None:
         self.settings = settings
+        self._flags = LOCALIZE_READS if localize else 0
         self._lib = _load()
         self._cluster = ctypes.c_void_p()
         self._ioctxs: dict[str, ctypes.c_void_p] = {}
@@ -85,7 +94,7 @@ class LocalizedReader:
         lib = self._lib
         name = settings.client_name.encode()
         if lib.rados_create2(ctypes.byref(self._cluster), b"ceph", name, 0) != 0:
-            raise ConfigError("storage.rados.localize_reads: cannot create a librados client")
+            raise ConfigError("storage.rados: cannot create a librados client")
         conffile = str(settings.conffile) if settings.conffile else os.environ.get("CEPH_CONF", "")
         if conffile and lib.rados_conf_read_file(self._cluster, conffile.encode()) != 0:
             raise ConfigError(f"cannot use the Ceph configuration {conffile}")
@@ -102,7 +111,7 @@ class LocalizedReader:
     async def connect(self) -> None:
         rv = await asyncio.to_thread(self._lib.rados_connect, self._cluster)
         if rv != 0:
-            raise _error(-rv, f"connect as {self.settings.client_name} (localized reads)")
+            raise _error(-rv, f"connect as {self.settings.client_name} (reads)")
 
     async def _ioctx(self, pool: str) -> ctypes.c_void_p:
         if (io := self._ioctxs.get(pool)) is not None:
@@ -127,7 +136,7 @@ class LocalizedReader:
             pass  # the loop has closed
 
     async def _operate(self, pool: str, name: str, build: Any, what: str) -> Any:
-        """Run one localized read operation that `build(op)` fills in; return build's result after it ran."""
+        """Run one read operation that `build(op)` fills in; return build's result after it ran."""
         if self._closed:
             raise StorageError("RADOS connection closed")
         lib = self._lib
@@ -142,7 +151,7 @@ class LocalizedReader:
             fut: asyncio.Future[int] = loop.create_future()
             with self._lock:
                 self._pending[completion.value or 0] = (loop, fut)
-            rv = lib.rados_aio_read_op_operate(op, io, completion, name.encode(), LOCALIZE_READS)
+            rv = lib.rados_aio_read_op_operate(op, io, completion, name.encode(), self._flags)
             if rv != 0:
                 with self._lock:
                     self._pending.pop(completion.value or 0, None)
@@ -162,52 +171,59 @@ class LocalizedReader:
                 lib.rados_aio_release(completion)
             lib.rados_release_read_op(op)
 
-    async def read(self, pool: str, name: str, length: int) -> bytes:
-        """Up to `length` bytes of object `name` from its start."""
-        buf = ctypes.create_string_buffer(max(length, 1))
-        got = ctypes.c_size_t()
-        prval = ctypes.c_int()
-
-        def build(op: int) -> Any:
-            self._lib.rados_read_op_read(op, 0, length, buf, ctypes.byref(got), ctypes.byref(prval))
-
-            def finish() -> bytes:
-                if prval.value < 0:
-                    raise _error(-prval.value, f"read {pool}/{name}")
-                return buf.raw[:got.value]
-            return finish
-
-        return await self._operate(pool, name, build, f"read {pool}/{name}")
+    async def read(self, pool: str, name: str, length: int, offset: int = 0) -> bytes:
+        """Up to `length` bytes of object `name` from `offset`."""
+        return (await self._read_op(pool, name, length, offset, None))[1]
 
     async def get_xattr(self, pool: str, name: str, xattr: str) -> bytes | None:
         """The extended attribute `xattr` of object `name` (None: the object has no such attribute)."""
-        it = ctypes.c_void_p()
-        prval = ctypes.c_int()
+        return (await self._read_op(pool, name, 0, 0, xattr))[0]
+
+    async def read_head(self, pool: str, name: str, xattr: str, length: int) -> tuple[bytes | None, bytes]:
+        """The extended attribute `xattr` (None if absent) and up to `length` bytes from the start of object
+        `name`, in one read operation (one round trip to the primary OSD, or the nearest one)."""
+        return await self._read_op(pool, name, length, 0, xattr)
+
+    async def _read_op(self, pool: str, name: str, length: int, offset: int,
+                       xattr: str | None) -> tuple[bytes | None, bytes]:
         lib = self._lib
+        # uninitialised memory: librados writes the bytes, only the `got` first ones are copied out
+        buf = np.empty(max(length, 1), dtype=np.uint8)
+        got, read_rv = ctypes.c_size_t(), ctypes.c_int()
+        it, xattrs_rv = ctypes.c_void_p(), ctypes.c_int()
+        what = f"read {pool}/{name}"
 
         def build(op: int) -> Any:
-            lib.rados_read_op_getxattrs(op, ctypes.byref(it), ctypes.byref(prval))
+            if xattr is not None:
+                lib.rados_read_op_getxattrs(op, ctypes.byref(it), ctypes.byref(xattrs_rv))
+            if length:
+                lib.rados_read_op_read(op, offset, length, buf.ctypes.data, ctypes.byref(got), ctypes.byref(read_rv))
 
-            def finish() -> bytes | None:
-                if prval.value < 0:
-                    raise _error(-prval.value, f"read the attributes of {pool}/{name}")
+            def finish() -> tuple[bytes | None, bytes]:
                 found = None
-                try:
-                    while True:
-                        key, val, size = ctypes.c_char_p(), ctypes.c_void_p(), ctypes.c_size_t()
-                        if lib.rados_getxattrs_next(it, ctypes.byref(key), ctypes.byref(val), ctypes.byref(size)):
-                            break
-                        if key.value is None:
-                            break
-                        if key.value.decode() == xattr:
-                            found = ctypes.string_at(val, size.value) if size.value else b""
-                finally:
-                    if it.value:
-                        lib.rados_getxattrs_end(it)
-                return found
+                if xattr is not None:
+                    try:
+                        if xattrs_rv.value < 0:
+                            raise _error(-xattrs_rv.value, f"read the attributes of {pool}/{name}")
+                        while True:
+                            key, val, size = ctypes.c_char_p(), ctypes.c_void_p(), ctypes.c_size_t()
+                            if lib.rados_getxattrs_next(it, ctypes.byref(key), ctypes.byref(val), ctypes.byref(size)):
+                                break
+                            if key.value is None:
+                                break
+                            if key.value.decode() == xattr:
+                                found = ctypes.string_at(val, size.value) if size.value else b""
+                    finally:
+                        if it.value:
+                            lib.rados_getxattrs_end(it)
+                if not length:
+                    return found, b""
+                if read_rv.value < 0:
+                    raise _error(-read_rv.value, what)
+                return found, buf[:got.value].tobytes()
             return finish
 
-        return await self._operate(pool, name, build, f"read the attributes of {pool}/{name}")
+        return await self._operate(pool, name, build, what)
 
     async def close(self) -> None:
         if self._closed:

@@ -23,6 +23,8 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+import crc32c
+
 from archive.config import RadosSettings, Settings, StorageBackend
 from archive.objectstore import FileSystemStore, ObjectStore
 
@@ -166,7 +168,10 @@ class StoredObjects:
             pieces = []
             for n, part in enumerate(manifest["parts"]):
                 piece = io.read(f"{key}.part-{n:04d}", int(part["size"]))
-                assert hashlib.sha256(piece).hexdigest() == part["sha256"], f"{key} part {n} is corrupt"
+                if "crc32c" in part:  # manifest version 2
+                    assert f"{crc32c.crc32c(piece):08x}" == part["crc32c"], f"{key} part {n} is corrupt"
+                else:
+                    assert hashlib.sha256(piece).hexdigest() == part["sha256"], f"{key} part {n} is corrupt"
                 pieces.append(piece)
             data = b"".join(pieces)
         assert len(data) == size, f"{key}: {len(data)} bytes, its manifest says {size}"

@@ -210,7 +210,9 @@ async def test_localized_reads_come_from_the_nearest_copy(ceph3: dict[str, Any],
 
     primaries = await read_all(writer)  # every read from the object's primary, in either datacentre
     total = sum(primaries.values())
-    assert total >= 200 and primaries[2] < 0.7 * total  # the primaries are spread over both datacentres
+    # one OSD read operation per instance: its manifest and its bytes in one round trip (archive/rados_local.py)
+    assert 100 <= total < 130, primaries
+    assert primaries[2] < 0.7 * total  # the primaries are spread over both datacentres
 
     # A copy other than the primary serves a read only once it knows the object's last write committed on
     # every copy (else it sends the read back to the primary); the primary tells the others with later
@@ -227,7 +229,7 @@ async def test_localized_reads_come_from_the_nearest_copy(ceph3: dict[str, Any],
 
     in_dc_b, waited_b = await read_locally("datacenter=dc-b host=h3", DC_B_OSDS)
     in_dc_a, waited_a = await read_locally("datacenter=dc-a host=h1", DC_A_OSDS)
-    print(f"\nOSD reads of 100 instances (manifest + data each): from the primaries {primaries}, "
+    print(f"\nOSD reads of 100 instances (manifest + data in one operation each): from the primaries {primaries}, "
           f"from dc-b {in_dc_b} (after {waited_b:.1f} s), from dc-a {in_dc_a} (after {waited_a:.1f} s)")
     assert in_dc_b[2] >= 0.8 * total
     assert in_dc_a[0] + in_dc_a[1] >= 0.8 * total

@@ -1,7 +1,7 @@
 """The RADOS object store against a real Ceph cluster (scripts/ceph-cluster: one monitor, memstore OSDs).
 
 Covers the ObjectStore contract (put/get/stream/stat/delete, locations `<pool>/<key>`), objects split in
-parts with the manifest written last, the SHA-256 checked on every read, the orphan sweeper's view of
+parts with the manifest written last, every part checked (CRC-32C; SHA-256 in version-1 manifests) on read, the orphan sweeper's view of
 interrupted puts, fast failure (StorageError) when the OSD or the monitor does not answer, settings, an
 end-to-end DIMSE round trip through a vna server on either backend, and the two-datacentre CRUSH rules.
 """
@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import crc32c
 import numpy as np
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -448,3 +449,68 @@ async def test_three_osd_cluster_has_the_datacentre_rules(tmp_path: Path) -> Non
     finally:
         await run_tool(CEPH_CLUSTER_SCRIPT, "stop", d)
     assert not d.exists()
+
+
+async def test_objects_with_a_version_1_manifest_are_read_and_checked(rados_store: RadosStore,
+                                                                      ceph_cluster: dict[str, Any],
+                                                                      tmp_path: Path) -> None:
+    """Objects written before manifest version 2 (a SHA-256 per part instead of a CRC-32C) stay readable, and
+    their parts are still checked."""
+    def v1(size: int, digest: str, layout: str, parts: list[bytes]) -> str:
+        return json.dumps({"v": 1, "size": size, "digest": digest, "time": time.time(), "layout": layout,
+                           "parts": [{"size": len(p), "sha256": hashlib.sha256(p).hexdigest()} for p in parts]})
+
+    inline = random.randbytes(300_000)
+    key = unique_key("v1-inline")
+    (tmp_path / "inline").write_bytes(inline)
+    await rados_cli(ceph_cluster, "-p", "vna", "put", key, tmp_path / "inline")
+    await rados_cli(ceph_cluster, "-p", "vna", "setxattr", key, MANIFEST_XATTR,
+                    v1(len(inline), sha256(inline), "inline", [inline]))
+    assert await rados_store.get(f"vna/{key}", timeout=10) == inline
+    assert await rados_store.get(f"vna/{key}", offset=1000, timeout=10) == inline[1000:]
+
+    whole = random.randbytes(2 * MiB + 5)
+    pieces = [whole[:MiB], whole[MiB:2 * MiB], whole[2 * MiB:]]
+    key2 = unique_key("v1-parts")
+    for n, piece in enumerate(pieces):
+        (tmp_path / f"p{n}").write_bytes(piece)
+        await rados_cli(ceph_cluster, "-p", "vna", "put", f"{key2}.part-{n:04d}", tmp_path / f"p{n}")
+    manifest = v1(len(whole), sha256(whole), "parts", pieces)
+    (tmp_path / "manifest").write_text(manifest)
+    await rados_cli(ceph_cluster, "-p", "vna", "put", key2, tmp_path / "manifest")
+    head = json.dumps({"v": 1, "size": len(whole), "digest": sha256(whole), "time": time.time(), "layout": "parts",
+                       "manifest_bytes": len(manifest)})
+    await rados_cli(ceph_cluster, "-p", "vna", "setxattr", key2, MANIFEST_XATTR, head)
+    assert await rados_store.get(f"vna/{key2}", timeout=10) == whole
+    assert b"".join([c async for c in rados_store.stream(f"vna/{key2}", offset=MiB + 7)]) == whole[MiB + 7:]
+    assert await rados_store.stat(f"vna/{key2}", timeout=10) == len(whole)
+
+    bad = bytearray(pieces[1])
+    bad[5] ^= 0x10
+    (tmp_path / "bad").write_bytes(bytes(bad))
+    await rados_cli(ceph_cluster, "-p", "vna", "put", f"{key2}.part-0001", tmp_path / "bad")
+    with pytest.raises(StorageError, match=r"part-0001 is corrupt: sha256:"):
+        await rados_store.get(f"vna/{key2}", timeout=10)
+    for k in (key, key2):
+        await rados_store.delete(f"vna/{k}", timeout=10)
+    assert not {n for n in (await rados_cli(ceph_cluster, "-p", "vna", "ls")).split() if n.startswith((key, key2))}
+
+
+async def test_inline_objects_larger_than_the_first_read(ceph_cluster: dict[str, Any]) -> None:
+    """The manifest comes with the first 2 MiB of an inline object; a larger inline object (up to part_size)
+    is completed by a second read, from where the first stopped, and checked whole."""
+    store = await RadosStore.open(RadosSettings(**rados_settings(ceph_cluster, part_size=8 * MiB)))
+    try:
+        for size in (2 * MiB - 1, 2 * MiB, 2 * MiB + 1, 7 * MiB + 3):
+            data = random.randbytes(size)
+            obj = await store.put(unique_key(f"inline-{size}"), [data], timeout=30)
+            manifest = json.loads(await rados_cli(ceph_cluster, "-p", "vna", "getxattr",
+                                                  obj.location.split("/", 1)[1], MANIFEST_XATTR))
+            assert manifest["v"] == 2 and manifest["layout"] == "inline"
+            assert manifest["parts"] == [{"size": size, "crc32c": f"{crc32c.crc32c(data):08x}"}]
+            assert await store.get(obj.location, timeout=30) == data
+            assert b"".join([c async for c in store.stream(obj.location, chunk_size=MiB)]) == data
+            assert await store.get(obj.location, offset=size - 10, timeout=30) == data[-10:]
+            await store.delete(obj.location, timeout=30)
+    finally:
+        await store.close()
