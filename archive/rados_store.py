@@ -32,6 +32,7 @@ import asyncio
 import collections
 import errno
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -550,7 +551,7 @@ class RadosStore:
                     raise StorageError(f"RADOS stream {location}: no answer within {self.op_timeout}s") from exc
                 pending = read(spans[n + 1][0]) if n + 1 < len(spans) else None
                 first = max(offset - start, 0)
-                if first == 0 and len(data) <= chunk_size:
+                if first == 0 and 0 < len(data) <= chunk_size:
                     yield data  # a whole part in one chunk: no copy
                     continue
                 view = memoryview(data)
@@ -610,16 +611,6 @@ class RadosStore:
         pool = self.pool
         io = await self.connection.ioctx(pool)
         rados = self.connection.rados
-
-        def names() -> list[str]:
-            return [o.key for o in io.list_objects()]
-
-        try:
-            listed = await asyncio.to_thread(names)
-        except rados.Error as exc:
-            raise _rados_error(exc, f"list pool {pool!r}") from exc
-        present = set(listed)
-        candidates = [n for n in listed if not _PART_SUFFIX.search(n) or _PART_SUFFIX.sub("", n) not in present]
         cutoff = time.time() - age_seconds
         sem = asyncio.Semaphore(_STATS_IN_FLIGHT)
 
@@ -635,9 +626,25 @@ class RadosStore:
                     raise
                 return time.mktime(when)
 
-        for start in range(0, len(candidates), 1024):
-            batch = candidates[start:start + 1024]
-            for name, when in zip(batch, await asyncio.gather(*(mtime(n) for n in batch)), strict=True):
+        async def candidate(name: str) -> float | None:
+            """The mtime of an object the sweeper should consider, None to pass it over."""
+            if (base := _PART_SUFFIX.sub("", name)) != name and await mtime(base) is not None:
+                return None  # a part of a whole object: deleting the object removes it
+            return await mtime(name)
+
+        # the listing is read a batch at a time, so memory stays bounded whatever the pool holds
+        try:
+            listing = await asyncio.to_thread(lambda: iter(io.list_objects()))
+        except rados.Error as exc:
+            raise _rados_error(exc, f"list pool {pool!r}") from exc
+        while True:
+            try:
+                batch = await asyncio.to_thread(lambda: [o.key for o in itertools.islice(listing, 1024)])
+            except rados.Error as exc:
+                raise _rados_error(exc, f"list pool {pool!r}") from exc
+            if not batch:
+                return
+            for name, when in zip(batch, await asyncio.gather(*(candidate(n) for n in batch)), strict=True):
                 if when is not None and when <= cutoff:
                     yield f"{pool}/{name}"
 
