@@ -14,7 +14,7 @@ from archive.config import DuplicatePolicy
 from archive.errors import DatabaseError, MisuseError
 from archive.instance import ParsedInstance
 from archive.objectstore import StoredObject
-from archive.query import Query, build_sql, row_to_json
+from archive.query import Query, build_json_sql, build_sql, row_to_json
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +97,15 @@ class Index:
         except _DB_ERRORS as exc:
             raise _translate(exc) from exc
         return [row_to_json(query, r) for r in rows]
+
+    async def find_json(self, query: Query, *, timeout: float) -> str:
+        """The DICOM JSON array text answering `query` (QIDO-RS), as `find` would encode it: built by
+        PostgreSQL from the stored jsonb in one statement, so no row is decoded here."""
+        sql, args = build_json_sql(query)
+        try:
+            return await self.pool.fetchval(sql, *args, timeout=timeout)
+        except _DB_ERRORS as exc:
+            raise _translate(exc) from exc
 
     async def find_pages(self, query: Query, *, timeout: float,
                          page_size: int = 100) -> AsyncIterator[list[dict[str, Any]]]:

@@ -242,16 +242,12 @@ def _key_level(tag: int) -> Level:
     return level_of(tag) or Level.IMAGE
 
 
-def build_sql(query: Query, *, select: str | None = None, page_after: int | None = None,
-              page_size: int | None = None) -> tuple[str, list[Any]]:
-    """SELECT for `query`: by default the attrs of each level down to the query level and the
-    computed attributes asked for; `select` replaces the column list (retrieve uses it).
-
-    With `page_size`, rows come a page at a time in primary-key order (keyset pagination: the next
-    page starts after `page_after`, the last pk seen, which the `pk` column returns)."""
+def _match(query: Query) -> tuple[_Sql, dict[int, str]]:
+    """The WHERE conditions of `query` and, per sequence key whose item carries values, the condition an
+    item of it must meet (over `item`), which also picks the items returned (PS3.4 C.2.2.2.6)."""
     sql = _Sql()
     level = query.level
-    matched_items: list[str] = []  # PS3.4 C.2.2.2.6: only the matching items of a sequence are returned
+    item_conds: dict[int, str] = {}
     if level.depth < query.top.depth:
         raise QueryError(f"level {level.value} is not part of this information model")
     for key in query.keys:
@@ -268,10 +264,8 @@ def build_sql(query: Query, *, select: str | None = None, page_after: int | None
         if key.vr == "SQ":
             cond = _sequence_condition(sql, klevel.alias, key, query.fuzzy)
             if cond:
-                items = _sequence_items(klevel.alias, key.tag)
-                matched_items.append(f"(SELECT jsonb_agg(item ORDER BY n) FROM {items} WHERE {cond}) "
-                                     f"AS m_{key.tag:08x}")
-                cond = f"EXISTS (SELECT 1 FROM {items} WHERE {cond})"
+                item_conds[key.tag] = cond
+                cond = f"EXISTS (SELECT 1 FROM {_sequence_items(klevel.alias, key.tag)} WHERE {cond})"
         elif indexed is not None:
             cond = _condition(sql, f"{klevel.alias}.{indexed.column}", indexed.match, indexed.vr, values,
                               query.fuzzy)
@@ -287,22 +281,23 @@ def build_sql(query: Query, *, select: str | None = None, page_after: int | None
             cond = _condition(sql, expr, match, key.vr, values, query.fuzzy)
         if cond:
             sql.where.append(cond)
+    return sql, item_conds
 
-    if select is None:
-        cols = [f"{lvl.alias}.attrs AS {lvl.alias}_attrs" for lvl in Level if lvl.depth <= level.depth]
-        for key in query.keys:
-            if key.tag in _COMPUTED_SQL and BY_TAG[key.tag].level.depth <= level.depth:
-                cols.append(f"{_COMPUTED_SQL[key.tag]} AS c_{key.tag:08x}")
-        cols += matched_items
-        if level is Level.IMAGE and (query.include_all or any(
-                _key_level(k.tag) is Level.IMAGE and k.tag not in BY_TAG for k in query.keys)):
-            cols.append("i.metadata AS i_metadata")
-        select = ", ".join(cols)
+
+def _uses_metadata(query: Query) -> bool:
+    """Does the answer need an instance's whole stored JSON (not only its level attrs)?"""
+    return query.level is Level.IMAGE and (query.include_all or any(
+        _key_level(k.tag) is Level.IMAGE and k.tag not in BY_TAG for k in query.keys))
+
+
+def _statement(query: Query, sql: _Sql, select: str, *, page_after: int | None = None,
+               page_size: int | None = None, lateral: str = "") -> str:
+    level = query.level
     if page_size is not None:
         select = f"{level.alias}.pk AS pk, {select}"
         if page_after is not None:
             sql.where.append(f"{level.alias}.pk > {sql.arg(page_after)}")
-    text = f"SELECT {select} FROM {_FROM[level]}"
+    text = f"SELECT {select} FROM {_FROM[level]}{lateral}"
     if sql.where:
         text += " WHERE " + " AND ".join(sql.where)
     text += f" ORDER BY {level.alias}.pk"
@@ -312,7 +307,124 @@ def build_sql(query: Query, *, select: str | None = None, page_after: int | None
         text += f" LIMIT {int(query.limit)}"
     if query.offset:
         text += f" OFFSET {int(query.offset)}"
-    return text, sql.args
+    return text
+
+
+def build_sql(query: Query, *, select: str | None = None, page_after: int | None = None,
+              page_size: int | None = None) -> tuple[str, list[Any]]:
+    """SELECT for `query`: by default the attrs of each level down to the query level and the
+    computed attributes asked for; `select` replaces the column list (retrieve uses it).
+
+    With `page_size`, rows come a page at a time in primary-key order (keyset pagination: the next
+    page starts after `page_after`, the last pk seen, which the `pk` column returns)."""
+    sql, item_conds = _match(query)
+    level = query.level
+    if select is None:
+        cols = [f"{lvl.alias}.attrs AS {lvl.alias}_attrs" for lvl in Level if lvl.depth <= level.depth]
+        for key in query.keys:
+            if key.tag in _COMPUTED_SQL and BY_TAG[key.tag].level.depth <= level.depth:
+                cols.append(f"{_COMPUTED_SQL[key.tag]} AS c_{key.tag:08x}")
+        for tag, cond in item_conds.items():
+            # PS3.4 C.2.2.2.6: only the matching items of a sequence are returned
+            items = _sequence_items(_key_level(tag).alias, tag)
+            cols.append(f"(SELECT jsonb_agg(item ORDER BY n) FROM {items} WHERE {cond}) AS m_{tag:08x}")
+        if _uses_metadata(query):
+            cols.append("i.metadata AS i_metadata")
+        select = ", ".join(cols)
+    return _statement(query, sql, select, page_after=page_after, page_size=page_size), sql.args
+
+
+# -- DICOM JSON built by PostgreSQL (QIDO-RS) ---------------------------------------------------------
+# The answer's text is assembled in SQL from the stored jsonb, never decoded into Python objects: the
+# same content row_to_json gives, with the top-level keys in ascending tag order (PS3.18 F.2).
+
+_SAFE_VR = re.compile(r"[A-Z]{2}")
+
+
+def _empty_element(vr: str) -> str:
+    """SQL literal of an attribute without a value: {"vr": VR} (PS3.18 F.2.2)."""
+    if not _SAFE_VR.fullmatch(vr):
+        raise QueryError(f"not a VR: {vr!r}")
+    return f"'{{\"vr\":\"{vr}\"}}'"
+
+
+def _computed_text(tag: int) -> str:
+    """SQL text of a computed attribute (PS3.4 C.6.1.1 / PS3.18 Table 10.6.3-3): counts as IS numbers,
+    ModalitiesInStudy and SOPClassesInStudy as sorted distinct values, empty when there are none."""
+    vr = BY_TAG[tag].vr
+    if tag in (0x00080061, 0x00080062):
+        column, source = {
+            0x00080061: ("y.modality", "series y WHERE y.study_fk = st.pk AND y.modality IS NOT NULL"),
+            0x00080062: ("z.sop_class_uid", "instance z JOIN series y ON y.pk = z.series_fk WHERE y.study_fk = st.pk"),
+        }[tag]
+        values = f"(SELECT json_agg(DISTINCT {column} ORDER BY {column}) FROM {source})"
+        return f"coalesce('{{\"vr\":\"{vr}\",\"Value\":' || {values}::text || '}}', {_empty_element(vr)})"
+    return f"'{{\"vr\":\"{vr}\",\"Value\":[' || {_COMPUTED_SQL[tag]} || ']}}'"
+
+
+def _sequence_text(key: QueryKey, elem: str, source_items: str, cond: str | None) -> str:
+    """SQL text of a returned sequence: only the matching items when its item had values (taken from
+    `source_items`, as the matching saw them), and in each item only the requested sub-keys."""
+    wanted = ", ".join(f"'{s.tag:08X}'" for s in key.items or ())
+    keep = (f"(SELECT coalesce(jsonb_object_agg(f.k, f.v), '{{}}'::jsonb) FROM jsonb_each(item) AS f(k, v) "
+            f"WHERE f.k IN ({wanted}))")
+    if cond is not None:
+        items = f"(SELECT coalesce(jsonb_agg({keep} ORDER BY n), '[]'::jsonb) FROM {source_items} WHERE {cond})"
+        return (f"(SELECT CASE WHEN e IS NULL THEN {_empty_element(key.vr)} "
+                f"ELSE (e || jsonb_build_object('Value', {items}))::text END FROM (SELECT {elem} AS e) AS x)")
+    items = (f"(SELECT coalesce(jsonb_agg({keep} ORDER BY n), '[]'::jsonb) "
+             f"FROM jsonb_array_elements(e->'Value') WITH ORDINALITY AS seq(item, n))")
+    return (f"(SELECT CASE WHEN e IS NULL THEN {_empty_element(key.vr)} "
+            f"WHEN e ? 'Value' THEN (e || jsonb_build_object('Value', {items}))::text ELSE e::text END "
+            f"FROM (SELECT {elem} AS e) AS x)")
+
+
+def _object_text(query: Query, item_conds: dict[int, str]) -> str:
+    """SQL text of one entity's DICOM JSON object: the requested keys (computed ones included), or with
+    `include_all` every stored attribute of the levels with the requested keys over them."""
+    level = query.level
+    metadata = _uses_metadata(query)
+    parts: dict[str, str] = {}
+    for key in query.keys:
+        tag_hex = f"{key.tag:08X}"
+        if key.tag in _COMPUTED_SQL:
+            if BY_TAG[key.tag].level.depth <= level.depth:
+                parts[tag_hex] = _computed_text(key.tag)
+            continue
+        klevel = _key_level(key.tag)
+        if klevel.depth > level.depth:
+            continue
+        elem = f"{klevel.alias}.attrs->'{tag_hex}'"
+        if klevel is Level.IMAGE and metadata:
+            elem = f"coalesce({elem}, im.doc->'{tag_hex}')"
+        if key.vr == "SQ" and key.items:
+            source = _sequence_items(klevel.alias, key.tag)
+            parts[tag_hex] = _sequence_text(key, elem, source, item_conds.get(key.tag))
+        else:
+            parts[tag_hex] = f"coalesce(({elem})::text, {_empty_element(key.vr)})"
+    if parts:
+        text = " || ',' || ".join(f"'\"{t}\":' || {parts[t]}" for t in sorted(parts))
+        text = f"'{{' || {text} || '}}'"
+    else:
+        text = "'{}'"
+    if not query.include_all:
+        return text
+    merged = " || ".join(f"{lvl.alias}.attrs" for lvl in Level if lvl.depth <= level.depth)
+    if metadata:
+        merged += " || (SELECT coalesce(jsonb_object_agg(f.k, f.v), '{}'::jsonb) FROM jsonb_each(im.doc) " \
+                  "AS f(k, v) WHERE f.k NOT LIKE '7FE0%')"
+    return f"(({merged}) || ({text})::jsonb)::text"
+
+
+def build_json_sql(query: Query) -> tuple[str, list[Any]]:
+    """SELECT of one text value: the DICOM JSON array answering `query` (PS3.18 10.6.3), "[]" when
+    nothing matches; `limit` and `offset` apply, entities come in primary-key order as `build_sql`'s."""
+    sql, item_conds = _match(query)
+    # with the instance's whole stored JSON parsed once per row when the answer needs it
+    lateral = " CROSS JOIN LATERAL (SELECT i.metadata::jsonb AS doc) AS im" if _uses_metadata(query) else ""
+    inner = _statement(query, sql, f"{query.level.alias}.pk AS pk, {_object_text(query, item_conds)} AS doc",
+                       lateral=lateral)
+    return f"SELECT coalesce('[' || string_agg(q.doc, ',' ORDER BY q.pk) || ']', '[]') FROM ({inner}) AS q", sql.args
 
 
 def _filter_items(elem: dict[str, Any], key: QueryKey, matched: list[Any] | None) -> dict[str, Any]:
