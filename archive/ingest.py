@@ -17,6 +17,7 @@ import logging
 import secrets
 import time
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 from archive.attributes import Level
@@ -60,16 +61,24 @@ class Ingestor:
         return await self._commit(parsed, [meta, dataset], len(meta), protocol=protocol, source=source,
                                   calling_ae=source_ae)
 
-    async def ingest_part10(self, data: bytes, *, protocol: str, source: str,
-                            calling_ae: str | None = None) -> IngestResult:
+    async def ingest_part10(self, data: bytes, *, protocol: str, source: str, calling_ae: str | None = None,
+                            admit: Callable[[ParsedInstance], None] | None = None) -> IngestResult:
         """Store a PS3.10 file (STOW-RS) exactly as received, File Meta Information included.
-        `calling_ae`: the sender's AE title when it has one (storage policies may match on it)."""
+        `calling_ae`: the sender's AE title when it has one (storage policies may match on it).
+        `admit`: the caller's own checks of the parsed instance (e.g. STOW-RS's target study), run before
+        anything is written; InvalidInstance from it refuses the instance like a failed parse."""
         try:
             ts, offset = split_part10(data)
         except InvalidInstance as exc:
             self.metrics.ingest_failures.labels(exc.code).inc()
             raise
         parsed = self._parse(data[offset:], ts, None, None)
+        if admit is not None:
+            try:
+                admit(parsed)
+            except InvalidInstance as exc:
+                self.metrics.ingest_failures.labels(exc.code).inc()
+                raise
         return await self._commit(parsed, [data], offset, protocol=protocol, source=source, calling_ae=calling_ae)
 
     def _parse(self, dataset: bytes, ts: str, sop_class: str | None, sop_instance: str | None) -> ParsedInstance:

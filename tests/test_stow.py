@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 from collections.abc import AsyncIterator
 from io import BytesIO
 from pathlib import Path
@@ -256,7 +257,7 @@ async def test_dicomweb_client_cli_store_instances(vna: Runtime, tmp_path: Path,
         p = tmp_path / f"in{n}.dcm"
         p.write_bytes(make_instance(patient_id="CLI1"))
         paths.append(p)
-    await run_tool(Path(os.environ.get("VIRTUAL_ENV", "/tmp/venv")) / "bin" / "dicomweb_client", "--url", root(vna),
+    await run_tool(Path(sys.executable).parent / "dicomweb_client", "--url", root(vna),
                    "store", "instances", *paths)
     assert await stored_sops(vna, http) == {uids_of(p.read_bytes())[1] for p in paths}
 

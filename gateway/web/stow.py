@@ -34,7 +34,7 @@ from pydicom.filereader import read_partial
 
 from archive.config import DicomwebSettings
 from archive.errors import InvalidInstance, RemoteError, VnaError
-from archive.instance import parse_instance, split_part10
+from archive.instance import ParsedInstance
 from gateway.dimse.negotiation import STORAGE_SOP_CLASSES
 from gateway.web.dicomweb import SERVICES_KEY, SETTINGS_KEY, base_url, json_response
 from gateway.web.media import content_type_params, parse_accept
@@ -128,17 +128,10 @@ def identify(data: bytes) -> tuple[str | None, str | None, str | None]:
         ds = read_partial(BytesIO(data), stop_when=lambda tag, vr, length: tag > _STUDY, defer_size=1024,
                           specific_tags=[_SOP_CLASS, _SOP_INSTANCE, _STUDY])
         elements = [ds.get(tag) for tag in (_SOP_CLASS, _SOP_INSTANCE, _STUDY)]
-    except Exception:  # noqa: BLE001 -- pydicom raises many kinds on malformed input; `validate` tells which
+    except Exception:  # noqa: BLE001 -- pydicom raises many kinds on malformed input; the ingest parse says which
         return None, None, None
     values = [str(e.value).strip("\0 ") if e is not None and e.value else "" for e in elements]
     return values[0] or None, values[1] or None, values[2] or None
-
-
-def validate(data: bytes) -> tuple[str, str, str]:
-    """The same UIDs from the full parse the ingest path does, or its InvalidInstance (no I/O, blocking)."""
-    ts, offset = split_part10(data)
-    parsed = parse_instance(data[offset:], ts)
-    return parsed.sop_class_uid, parsed.sop_instance_uid, parsed.study_instance_uid
 
 
 def _media_error(reason: str) -> web.HTTPUnsupportedMediaType:
@@ -203,41 +196,39 @@ class StoreTransaction:
     def fail(self, part: int, text: str, *, kind: str = "syntax", reason: int = CANNOT_UNDERSTAND) -> None:
         self.failed.append(Failed(part, None, None, reason, text, kind))
 
-    async def _store(self, part: int, data: bytes) -> None:
-        sop_class, sop_instance, study = await asyncio.to_thread(identify, data)
-        if sop_class is None or sop_instance is None or study is None:
-            # not readable the quick way: the full parse (no storing) gives the UIDs or the precise reason
-            try:
-                sop_class, sop_instance, study = await asyncio.to_thread(validate, data)
-            except InvalidInstance as exc:
-                self.failed.append(Failed(part, sop_class, sop_instance, exc.status, exc.reason))
-                return
+    def _admit(self, parsed: ParsedInstance) -> None:
+        """STOW-RS's own checks of a parsed instance, before anything is written."""
         # PS3.18 I.2.2 0122: only Storage SOP Classes are stored, as over DIMSE (PS3.4 B.5)
-        if sop_class not in STORAGE_SOP_CLASSES:
-            self.failed.append(Failed(part, sop_class, sop_instance, SOP_CLASS_NOT_SUPPORTED,
-                                      f"SOP Class {sop_class} is not a Storage SOP Class stored here"))
-            return
+        if parsed.sop_class_uid not in STORAGE_SOP_CLASSES:
+            raise InvalidInstance(f"SOP Class {parsed.sop_class_uid} is not a Storage SOP Class stored here",
+                                  status=SOP_CLASS_NOT_SUPPORTED, code="sop-class")
         # PS3.18 10.5.1: with a study in the target, every instance must belong to that study
-        if self.study is not None and study != self.study:
-            self.failed.append(Failed(part, sop_class, sop_instance, DATA_SET_DOES_NOT_MATCH_SOP_CLASS,
-                                      f"Study Instance UID {study} differs from the target study {self.study}"))
-            return
+        if self.study is not None and parsed.study_instance_uid != self.study:
+            raise InvalidInstance(f"Study Instance UID {parsed.study_instance_uid} differs from the target study "
+                                  f"{self.study}", status=DATA_SET_DOES_NOT_MATCH_SOP_CLASS, code="study-mismatch")
+
+    async def _store(self, part: int, data: bytes) -> None:
+        # one parse, the ingest path's; the quick header read below only names a refused part
         try:
-            result = await self.services.ingestor.ingest_part10(data, protocol="dicomweb", source="dicomweb")
+            result = await self.services.ingestor.ingest_part10(data, protocol="dicomweb", source="dicomweb",
+                                                                admit=self._admit)
         except InvalidInstance as exc:
             # exc.status is the PS3.4 C-STORE status: the same ranges as PS3.18 I.2.2 (A7xx, A9xx, Cxxx)
-            self.failed.append(Failed(part, sop_class, sop_instance, exc.status, exc.reason))
-            return
+            failure = (exc.status, exc.reason, "dicom")
         except RemoteError as exc:
             log.warning("STOW-RS part %d not stored: %s", part, exc)
-            self.failed.append(Failed(part, sop_class, sop_instance, PROCESSING_FAILURE, str(exc), "remote"))
-            return
+            failure = (PROCESSING_FAILURE, str(exc), "remote")
         except VnaError as exc:
             log.error("STOW-RS part %d not stored: %s", part, exc)
-            self.failed.append(Failed(part, sop_class, sop_instance, PROCESSING_FAILURE, str(exc)))
+            failure = (PROCESSING_FAILURE, str(exc), "dicom")
+        else:
+            p = result.parsed
+            self.stored.append(Stored(p.sop_class_uid, p.sop_instance_uid, p.study_instance_uid,
+                                      p.series_instance_uid))
             return
-        p = result.parsed
-        self.stored.append(Stored(p.sop_class_uid, p.sop_instance_uid, p.study_instance_uid, p.series_instance_uid))
+        # PS3.18 I.2.2: the Failed SOP Sequence names the instance when its header can be read
+        sop_class, sop_instance, _study = await asyncio.to_thread(identify, data)
+        self.failed.append(Failed(part, sop_class, sop_instance, *failure))
 
     # -- the response ------------------------------------------------------------------------------
     def status(self) -> int:
