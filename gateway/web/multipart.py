@@ -12,7 +12,7 @@ Sans-I/O: it only builds the bytes around the parts; the caller streams each par
 
 from __future__ import annotations
 
-import uuid
+import os
 from collections.abc import AsyncIterable, AsyncIterator, Iterable
 
 
@@ -21,7 +21,7 @@ class MultipartRelated:
 
     def __init__(self, part_type: str, *, boundary: str | None = None) -> None:
         # 32 random hex digits: RFC 2046 5.1.1 requires the boundary not to occur in any part
-        self.boundary = boundary or uuid.uuid4().hex
+        self.boundary = boundary or os.urandom(16).hex()
         self.part_type = part_type
         self._parts = 0
 

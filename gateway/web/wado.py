@@ -15,12 +15,13 @@ and frames. Rendered resources, thumbnails and WADO-URI are elsewhere.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import functools
 import logging
 import os
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from aiohttp import web
@@ -161,7 +162,7 @@ async def _read_range(request: web.Request, inst: LocatedInstance, offset: int, 
     return await _guarded(read_in_time())
 
 
-@dataclass(slots=True)
+@dataclasses.dataclass(slots=True)
 class _Object:
     """One stored instance as far as it has been read: its layout, and its bytes once read whole."""
 
@@ -179,7 +180,18 @@ async def _open(request: web.Request, inst: LocatedInstance) -> _Object:
     """The elements up to the pixel data, reading no more of the object than they take (a frame of a
     large multi-frame object is then read alone: PS3.5 8.2 gives its position)."""
     if inst.size <= WHOLE_READ_HEADERS * HEADER_READ:
-        return await _read_whole(request, inst)
+        data = await _read(request, inst)
+        if not UID(inst.transfer_syntax_uid).is_deflated:
+            try:
+                # parsed here, on the loop: a walk bounded by one header read costs less than the hop
+                # to a worker thread; the layout's data is the whole object, its elements end at the pixels
+                layout = await _guarded(_sync(functools.partial(
+                    px.parse_layout, data[:HEADER_READ], inst.transfer_syntax_uid, offset=inst.dataset_offset,
+                    stop_at_pixel_data=True)))
+                return _Object(inst, dataclasses.replace(layout, data=data), None)
+            except px.Truncated:
+                pass
+        return await _parsed_whole(request, inst, data)
     size = HEADER_READ
     while size < inst.size and not UID(inst.transfer_syntax_uid).is_deflated:
         prefix = await _read_range(request, inst, 0, size)
@@ -191,7 +203,10 @@ async def _open(request: web.Request, inst: LocatedInstance) -> _Object:
 
 
 async def _read_whole(request: web.Request, inst: LocatedInstance) -> _Object:
-    data = await _read(request, inst)
+    return await _parsed_whole(request, inst, await _read(request, inst))
+
+
+async def _parsed_whole(request: web.Request, inst: LocatedInstance, data: bytes) -> _Object:
     try:
         return _Object(inst, await _guarded(_parse(request, data, inst, prefix=False)), data)
     except px.Truncated as exc:
@@ -201,7 +216,11 @@ async def _read_whole(request: web.Request, inst: LocatedInstance) -> _Object:
 
 async def _whole(request: web.Request, obj: _Object) -> _Object:
     """The same object, read and parsed whole (encapsulated frames, decoding, values past the pixel data)."""
-    return obj if obj.data is not None else await _read_whole(request, obj.inst)
+    if obj.data is not None:
+        return obj
+    if len(obj.layout.data) == obj.inst.size:  # read whole already, parsed up to the pixel data
+        return await _parsed_whole(request, obj.inst, obj.layout.data)
+    return await _read_whole(request, obj.inst)
 
 
 async def _piece(request: web.Request, obj: _Object, offset: int, length: int) -> bytes | memoryview:
@@ -213,7 +232,7 @@ async def _piece(request: web.Request, obj: _Object, offset: int, length: int) -
 
 # -- Retrieve study / series / instance (PS3.18 10.4.1.1.1) -----------------------------------------
 
-@dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class _DicomRange:
     multipart: bool
     transfer_syntax: str | None  # None: any, i.e. as stored
@@ -329,7 +348,7 @@ async def metadata(request: web.Request) -> web.Response:
 
 # -- Frames and pixel data (PS3.18 10.4.1.1.3, 10.4.1.1.5) -----------------------------------------
 
-@dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class _PixelChoice:
     multipart: bool
     media_type: str        # of each part (or of the single-part body)
