@@ -546,3 +546,23 @@ async def test_a_failing_object_store_is_a_processing_failure(vna: Runtime, http
     status, _, payload, _ = await post(http, f"{root(vna)}/studies", multipart(make_instance(study=blocked_study)))
     assert status == 503 and [value(i, "00081197") for i in seq(payload, "00081198")] == [0x0110]
     assert await stored_sops(vna, http) == {uids_of(fine)[1]}
+
+
+async def test_parts_stored_at_once_are_answered_in_body_order(vna: Runtime, http: aiohttp.ClientSession,
+                                                               index: Index) -> None:
+    """dicomweb.stow_parallel_parts parts of one request are stored at once; the response still lists them in
+    the order of the body (PS3.18 I.1), a large first part finishing after the small ones behind it, and the
+    same instance twice in one request is stored once and acknowledged twice (STOW is idempotent)."""
+    study = generate_uid()
+    large = make_instance(study=study, rows=2100)  # 8.4 MiB: spilled to disk while it arrives
+    small = [make_instance(study=study) for _ in range(9)]
+    body = multipart(large, *small[:4], b"not DICOM", *small[4:], small[0])
+    status, reason, payload, _ = await post(http, f"{root(vna)}/studies", body)
+    assert status == 202 and reason.startswith("11 stored, 1 failed"), (status, reason)
+    expected = [uids_of(large)[1]] + [uids_of(s)[1] for s in small] + [uids_of(small[0])[1]]
+    assert [value(i, "00081155") for i in seq(payload, "00081199")] == expected
+    assert [value(i, "00081197") for i in seq(payload, "00081198")] == [0xC000]
+    found = await index.find(Query(level=Level.IMAGE, keys=(QueryKey(0x0020000D, "UI", study),
+                                                            QueryKey(0x00080018, "UI")), top=Level.STUDY),
+                             timeout=10)
+    assert sorted(r["00080018"]["Value"][0] for r in found) == sorted(set(expected))

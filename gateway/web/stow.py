@@ -2,8 +2,11 @@
 
 The body is streamed (gateway/web/multipart_reader.py): each part is collected as it arrives, in
 memory up to `stow_spill_bytes` and in an anonymous temporary file beyond, and goes through the one
-ingest path (`Ingestor.ingest_part10`) as soon as it is complete, while the next part is received.
-The whole body is never held in memory; more than `max_stow_bytes` of it is refused with 413.
+ingest path (`Ingestor.ingest_part10`) as soon as it is complete, while the next parts are received
+and stored: up to `stow_parallel_parts` parts of a request are stored at once (each held whole in memory
+meanwhile), so one part's fsync and index round trip overlap the next ones'. The whole body is never
+held in memory; more than `max_stow_bytes` of it is refused with 413. The response lists the parts in
+the order of the body.
 
 Every part gets its own outcome (PS3.18 I, Store Instances Response Module): stored instances in the
 Referenced SOP Sequence (0008,1199), refused ones in the Failed SOP Sequence (0008,1198) with a Failure
@@ -58,6 +61,7 @@ _SOP_CLASS, _SOP_INSTANCE, _STUDY = 0x00080016, 0x00080018, 0x0020000D
 
 @dataclass(frozen=True, slots=True)
 class Stored:
+    part: int
     sop_class_uid: str
     sop_instance_uid: str
     study_instance_uid: str
@@ -174,24 +178,36 @@ class StoreTransaction:
         self.study = study
         self.stored: list[Stored] = []
         self.failed: list[Failed] = []
-        self._pending: asyncio.Task[None] | None = None
+        self._running: set[asyncio.Task[None]] = set()
+        self._slots = asyncio.Semaphore(request.app[SETTINGS_KEY].stow_parallel_parts)
 
     async def submit(self, part: int, buffer: PartBuffer) -> None:
-        """Store one complete part; it runs while the next part is received. One at a time, and the
-        previous one is done before this one is read into memory: at most one whole part is held."""
-        await self.drain()
-        data = await buffer.read()
-        self._pending = asyncio.create_task(self._store(part, data))
+        """Store one complete part; it runs while the next parts are received. At most
+        `stow_parallel_parts` at once: a part is read into memory only when a slot is free."""
+        await self._slots.acquire()
+        try:
+            data = await buffer.read()
+        except BaseException:
+            self._slots.release()
+            raise
+        task = asyncio.create_task(self._store_in_slot(part, data))
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+
+    async def _store_in_slot(self, part: int, data: bytes) -> None:
+        try:
+            await self._store(part, data)
+        finally:
+            self._slots.release()
 
     def cancel(self) -> None:
-        """Abandon a store still running (the handler itself is being cancelled); ingest is atomic."""
-        if self._pending is not None and not self._pending.done():
-            self._pending.cancel()
+        """Abandon the stores still running (the handler itself is being cancelled); ingest is atomic."""
+        for task in self._running:
+            task.cancel()
 
     async def drain(self) -> None:
-        if self._pending is not None:
-            task, self._pending = self._pending, None
-            await task
+        while self._running:
+            await asyncio.gather(*self._running)
 
     def fail(self, part: int, text: str, *, kind: str = "syntax", reason: int = CANNOT_UNDERSTAND) -> None:
         self.failed.append(Failed(part, None, None, reason, text, kind))
@@ -223,7 +239,7 @@ class StoreTransaction:
             failure = (PROCESSING_FAILURE, str(exc), "dicom")
         else:
             p = result.parsed
-            self.stored.append(Stored(p.sop_class_uid, p.sop_instance_uid, p.study_instance_uid,
+            self.stored.append(Stored(part, p.sop_class_uid, p.sop_instance_uid, p.study_instance_uid,
                                       p.series_instance_uid))
             return
         # PS3.18 I.2.2: the Failed SOP Sequence names the instance when its header can be read
@@ -257,7 +273,7 @@ class StoreTransaction:
                 {"00081150": _ui(s.sop_class_uid), "00081155": _ui(s.sop_instance_uid),
                  "00081190": {"vr": "UR", "Value": [(f"{self.base}/studies/{s.study_instance_uid}/series/"
                                                      f"{s.series_instance_uid}/instances/{s.sop_instance_uid}")]}}
-                for s in self.stored]}
+                for s in sorted(self.stored, key=lambda s: s.part)]}
         return body
 
     def describe(self, f: Failed) -> str:
