@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import sys
 from collections.abc import AsyncIterator
 from io import BytesIO
@@ -153,7 +154,7 @@ def parse(body: bytes, boundary: str = "b", chunk: int | None = None) -> list[An
     merged: list[Any] = []
     for e in events:  # content arrives in as many slices as the chunking makes: join them
         if isinstance(e, PartData) and merged and isinstance(merged[-1], PartData):
-            merged[-1] = PartData(e.number, merged[-1].data + e.data)
+            merged[-1] = PartData(e.number, bytes(merged[-1].data) + bytes(e.data))
         else:
             merged.append(e)
     return merged
@@ -182,6 +183,49 @@ def test_parser_preamble_padding_epilogue_and_boundary_lookalikes() -> None:
             b"\r\n--b--\r\nepilogue to ignore")
     assert parse(body, chunk=5) == [PartStart(1, {"x-note": "a folded"}), PartData(1, b"x\r\n--bx\r\n--b-y"),
                                     PartEnd(1)]
+
+
+def test_parser_any_chunking_gives_the_same_parts() -> None:
+    """Content handed out without a copy (a chunk with no delimiter in or across its edges) or through the
+    buffer gives the same parts, whatever the chunking: random content full of delimiter look-alikes."""
+    rng = random.Random(7)
+    boundary = "vna-boundary-1234"
+    lookalikes = [b"\r", b"\r\n", b"\r\n-", b"\r\n--", b"\r\n--vna-bound", b"\r\n--vna-boundary-123",
+                  b"\r\n--vna-boundary-1234x", b"--vna-boundary-1234"]
+    contents = []
+    for n in range(6):
+        pieces = []
+        for _ in range(rng.randrange(0, 40)):
+            pieces.append(rng.randbytes(rng.randrange(0, 3000)))
+            pieces.append(rng.choice(lookalikes))
+        contents.append(b"".join(pieces) + (rng.choice(lookalikes) if n % 2 else b""))
+    body = multipart(*contents, boundary=boundary)
+    expected = []
+    for n, content in enumerate(contents, 1):
+        expected += [PartStart(n, {"content-type": "application/dicom"})]
+        expected += [PartData(n, content)] if content else []
+        expected += [PartEnd(n)]
+
+    def parse_chunks(sizes: list[int]) -> list[Any]:
+        parser, events, at = BodyParser(boundary), [], 0
+        for size in sizes:
+            events += parser.feed(body[at:at + size])
+            at += size
+        events += parser.feed(body[at:])
+        events += parser.close()
+        merged: list[Any] = []
+        for e in events:
+            if isinstance(e, PartData) and merged and isinstance(merged[-1], PartData):
+                merged[-1] = PartData(e.number, bytes(merged[-1].data) + bytes(e.data))
+            else:
+                merged.append(e if not isinstance(e, PartData) else PartData(e.number, bytes(e.data)))
+        return merged
+
+    assert parse_chunks([]) == expected
+    for fixed in (1, 17, 18, 19, 20, 64, 4096, 65536):
+        assert parse_chunks([fixed] * (len(body) // fixed)) == expected, fixed
+    for _ in range(30):
+        assert parse_chunks([rng.randrange(1, 5000) for _ in range(200)]) == expected
 
 
 def test_parser_bad_part_headers_do_not_lose_the_next_part() -> None:

@@ -44,7 +44,7 @@ class PartStart:
 @dataclass(frozen=True, slots=True)
 class PartData:
     number: int
-    data: bytes
+    data: bytes | memoryview  # a view of the chunk fed, when no copy was needed: use it before the next feed
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,11 +97,35 @@ class BodyParser:
     def feed(self, data: bytes) -> list[Event]:
         if self._state == _END:
             return []  # epilogue
-        self._buf += data
         events: list[Event] = []
+        if self._state == _BODY and self._body_without_delimiter(data, events):
+            return events
+        self._buf += data
         while self._step(events):
             pass
         return events
+
+    def _body_without_delimiter(self, data: bytes, events: list[Event]) -> bool:
+        """The common case inside a large part: a chunk with no delimiter in it or across its edges is
+        content, handed out without being copied; False to take the general path."""
+        d = self._delimiter
+        if len(self._buf) >= len(d) or len(data) < len(d) or d in data:
+            return False
+        if self._buf and d in bytes(self._buf) + data[:len(d) - 1]:
+            return False  # a delimiter that begins in what was kept from the previous chunk
+        # keep the longest end of the chunk that could begin a delimiter completed by the next chunk
+        keep = 0
+        pos = data.rfind(b"\r", len(data) - len(d) + 1)
+        while pos >= 0:
+            if d.startswith(data[pos:]):
+                keep = len(data) - pos
+                break
+            pos = data.rfind(b"\r", len(data) - len(d) + 1, pos)
+        if self._buf:
+            events.append(PartData(self.parts, bytes(self._buf)))
+        events.append(PartData(self.parts, memoryview(data)[:len(data) - keep] if keep else data))
+        self._buf = bytearray(data[len(data) - keep:]) if keep else bytearray()
+        return True
 
     def close(self) -> list[Event]:
         """The body has ended: raise MultipartError unless the close-delimiter was seen."""
@@ -169,7 +193,8 @@ class BodyParser:
         if upto <= 0:
             return
         if number is not None:
-            events.append(PartData(number, bytes(self._buf[:upto])))
+            with memoryview(self._buf) as view:
+                events.append(PartData(number, view[:upto].tobytes()))  # one copy
         del self._buf[:upto]
 
     def _open_part(self, kind: str) -> None:
