@@ -459,11 +459,13 @@ class _Context:
     """What converting one data set needs besides its bytes."""
 
     __slots__ = ("data", "raw", "implicit", "syn", "little", "encodings", "inherited_pr",
-                 "limit", "bulk_uri", "creators")
+                 "limit", "bulk_uri", "creators", "path", "nested_bulk_uri")
 
     def __init__(self, data: bytes, raw: dict[int, _Entry], implicit: bool, syn: _Syntax,
                  encodings: list[str], inherited_pr: int | None, limit: int,
-                 bulk_uri: Callable[[int], str]) -> None:
+                 bulk_uri: Callable[[int], str],
+                 nested_bulk_uri: Callable[[tuple[int, ...]], str] | None = None,
+                 path: tuple[int, ...] = ()) -> None:
         self.data = data
         self.raw = raw
         self.implicit = implicit
@@ -473,6 +475,8 @@ class _Context:
         self.inherited_pr = inherited_pr
         self.limit = limit
         self.bulk_uri = bulk_uri
+        self.nested_bulk_uri = nested_bulk_uri
+        self.path = path  # (sequence tag, item index, ...) of this item; () at the top level
         self.creators: dict[int, str] = {}
 
 
@@ -565,7 +569,7 @@ def _element(ctx: _Context, tag: int, entry: _Entry) -> dict[str, Any]:
     if kind is None:
         raise _Drop(f"unknown VR {vr!r}")
     if kind == _K_SQ:
-        return {"vr": "SQ", "Value": _sequence(ctx, start, length, items)}
+        return {"vr": "SQ", "Value": _sequence(ctx, tag, start, length, items)}
     if length == 0:
         return {"vr": vr}
     data = ctx.data
@@ -603,6 +607,8 @@ def _element(ctx: _Context, tag: int, entry: _Entry) -> dict[str, Any]:
         return out
     if kind == _K_BIN:
         if length > ctx.limit:
+            if ctx.path and ctx.nested_bulk_uri is not None:
+                return {"vr": vr, "BulkDataURI": ctx.nested_bulk_uri((*ctx.path, tag))}
             return {"vr": vr, "BulkDataURI": ctx.bulk_uri(tag)}
         encoded = b2a_base64(data[start:start + length], newline=False).decode("ascii")
         return {"vr": vr, "InlineBinary": encoded}
@@ -724,7 +730,7 @@ def _at(ctx: _Context, start: int, length: int) -> dict[str, Any]:
                                    for i in range(0, 2 * count, 2)]}
 
 
-def _sequence(ctx: _Context, start: int, length: int,
+def _sequence(ctx: _Context, tag: int, start: int, length: int,
               items: list[tuple[bool, dict[int, _Entry]]] | None) -> list[dict[str, Any]]:
     # pydicom hands Pixel Representation down only through the sequences it parses lazily, not
     # through undefined length ones parsed while reading (Dataset._set_pixel_representation)
@@ -735,14 +741,14 @@ def _sequence(ctx: _Context, start: int, length: int,
     else:
         inherited = None
     out = []
-    for item_implicit, raw in items:
+    for index, (item_implicit, raw) in enumerate(items):
         charset = raw.get(_CHARSET)
         if charset is None:
             encodings = ctx.encodings
         else:
             encodings = _encodings(ctx.data[charset[1]:charset[1] + charset[2]])
         item = _Context(ctx.data, raw, item_implicit, ctx.syn, encodings, inherited, ctx.limit,
-                        ctx.bulk_uri)
+                        ctx.bulk_uri, ctx.nested_bulk_uri, (*ctx.path, tag, index))
         out.append(_dataset(item, top=False))
     return out
 
@@ -832,6 +838,7 @@ def to_dicom_json(
     bulk_data_threshold: int = 1024,
     bulk_uri: Callable[[int], str] = lambda tag: f"bulk/{tag:08X}",
     stop_at_pixel_data: bool = True,
+    nested_bulk_uri: Callable[[tuple[int, ...]], str] | None = None,
 ) -> dict[str, Any]:
     """Return the DICOM JSON Model (PS3.18 F.2) of an encoded data set, without bulk data.
 
@@ -840,7 +847,9 @@ def to_dicom_json(
     `implicit_vr` and `little_endian` come from its transfer syntax, though like pydicom the VR
     field of the first element has the last word on implicit vs explicit VR. Binary values
     longer than ``(bulk_data_threshold // 4) * 3`` bytes (so that their base64 stays under the
-    threshold) are replaced by ``{"BulkDataURI": bulk_uri(tag)}``. With `stop_at_pixel_data`,
+    threshold) are replaced by ``{"BulkDataURI": bulk_uri(tag)}``; inside a sequence item, by
+    ``nested_bulk_uri(path)`` when given, `path` being (sequence tag, item index, ..., tag) from the
+    top level (pydicom's handler sees only the element, hence `bulk_uri(tag)` without it). With `stop_at_pixel_data`,
     parsing ends at the first top-level element whose tag is (7FE0,0010) or greater; without it,
     encapsulated pixel data (PS3.5 A.4) is skipped item by item.
 
@@ -873,7 +882,7 @@ def to_dicom_json(
             else _encodings(data[charset[1]:charset[1] + charset[2]])
         )
         ctx = _Context(data, raw, implicit, syn, encodings, None,
-                       (bulk_data_threshold // 4) * 3, bulk_uri)
+                       (bulk_data_threshold // 4) * 3, bulk_uri, nested_bulk_uri)
         return _dataset(ctx, top=True)
     except StructError as exc:  # a bound check missed: still malformed input, not a bug
         raise InvalidInstance(f"malformed data set: {exc}") from exc

@@ -544,11 +544,28 @@ def transcode(part10: bytes, target_transfer_syntax_uid: str) -> bytes:
     return out.getvalue()
 
 
+def value_at_path(part10: bytes, path: tuple[int, ...]) -> bytes | None:
+    """The binary value at `path` (sequence tag, item index, ..., tag; archive.instance.nested_bulk_path),
+    little endian; None when the path names nothing binary."""
+    ds = _read_part10(part10)
+    little = ds.file_meta.TransferSyntaxUID.is_little_endian
+    current = ds
+    for n in range(0, len(path) - 1, 2):
+        seq = current.get(path[n])
+        if seq is None or seq.VR != "SQ" or path[n + 1] >= len(seq.value):
+            return None
+        current = seq.value[path[n + 1]]
+    elem = current.get(path[-1])
+    if elem is None or not isinstance(elem.value, bytes):
+        return None
+    return elem.value if little else _swapped(elem.value, _SWAP_WIDTH.get(elem.VR, 0))
+
+
 def nested_element_value(part10: bytes, tag: int) -> bytes | None:
     """The binary value of the first element `tag` inside a sequence item, little endian.
 
-    Ingest names bulk data inside sequences by their own tag (`bulk/XXXXXXXX`), so a bulk data
-    reference that is not a top-level element is looked up depth first."""
+    Ingest before 2026-12 named bulk data inside sequences by their own tag (`bulk/XXXXXXXX`; now by
+    its path, `value_at_path`), so such a reference that is not a top-level element is looked up depth first."""
     ds = _read_part10(part10)
     little = ds.file_meta.TransferSyntaxUID.is_little_endian
     for elem in ds.iterall():

@@ -259,6 +259,31 @@ def check_structure(data: bytes, ts: UID) -> Structure:
     return Structure(implicit_vr=not walker.explicit, pixel_data=walker.pixel_data)
 
 
+def nested_bulk_path(path: tuple[int, ...]) -> str:
+    """The relative BulkDataURI of a value inside a sequence item: `bulk/<sequence tag>/<item index>/.../<tag>`
+    (tags in hex, items from 0), so that e.g. an Icon Image Sequence's Pixel Data is not confused with the
+    instance's own `bulk/7FE00010` (PS3.18 F.2.6 leaves the URI's form to the origin server)."""
+    return "bulk/" + "/".join(f"{p:08X}" if n % 2 == 0 else str(p) for n, p in enumerate(path))
+
+
+def parse_bulk_path(text: str) -> tuple[int, ...] | None:
+    """The path of `nested_bulk_path` (or a lone tag) from the part of a URI after `bulk/`; None if malformed."""
+    pieces = text.split("/")
+    if len(pieces) % 2 == 0:
+        return None
+    out = []
+    for n, piece in enumerate(pieces):
+        if n % 2 == 0:
+            if len(piece) != 8 or not all(c in "0123456789abcdefABCDEF" for c in piece):
+                return None
+            out.append(int(piece, 16))
+        else:
+            if not piece.isdigit() or len(piece) > 6:
+                return None
+            out.append(int(piece))
+    return tuple(out)
+
+
 def parse_instance(data: bytes, transfer_syntax_uid: str, *, affected_sop_class_uid: str | None = None,
                    affected_sop_instance_uid: str | None = None) -> ParsedInstance:
     """Validate one data set and extract its index attributes (PS3.4 B.2.3 statuses on refusal)."""
@@ -266,7 +291,7 @@ def parse_instance(data: bytes, transfer_syntax_uid: str, *, affected_sop_class_
     buf = inflate(data, ts)
     structure = check_structure(buf, ts)
     metadata = to_dicom_json(buf, implicit_vr=structure.implicit_vr, little_endian=ts.is_little_endian,
-                             bulk_data_threshold=BULK_DATA_THRESHOLD)
+                             bulk_data_threshold=BULK_DATA_THRESHOLD, nested_bulk_uri=nested_bulk_path)
     pixel_data = structure.pixel_data
     if pixel_data is not None:
         # PS3.18 F.2.6: pixel data is bulk data; WADO-RS metadata points at it

@@ -556,3 +556,53 @@ async def test_compressed_frames_read_alone_by_offset_table(vna: Runtime, tmp_pa
         assert [c for _, c in parse_multipart(headers["Content-Type"], body)] == \
             [bitstreams[9], bitstreams[0], bitstreams[3]], name
         assert len(whole_reads) == (1 if name == "no-table" else 0), name
+
+
+async def test_bulk_data_inside_sequence_items_has_a_path_of_its_own(vna: Runtime, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """An Icon Image Sequence's Pixel Data (PS3.3 F.7) and the instance's own are two values: their BulkDataURIs
+    differ (`bulk/7FE00010` and `bulk/00880200/0/7FE00010`) and each returns its own bytes, ranges too."""
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    icons = []
+    for n in range(2):
+        icon = pydicom.Dataset()
+        icon.Rows = icon.Columns = 64
+        icon.SamplesPerPixel, icon.PhotometricInterpretation = 1, "MONOCHROME2"
+        icon.BitsAllocated, icon.BitsStored, icon.HighBit, icon.PixelRepresentation = 8, 8, 7, 0
+        icon.PixelData = bytes((i * (n + 3)) % 251 for i in range(64 * 64))
+        icons.append(icon)
+    ds.IconImageSequence = pydicom.Sequence(icons)
+    path = tmp_path / "icon.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    data = path.read_bytes()
+    ts, offset = split_part10(data)
+    sample = Sample("icon", path, data, data[offset:], pydicom.dcmread(path), str(ds.StudyInstanceUID),
+                    str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID), ts, 1)
+    monkeypatch.setattr(pynetdicom_config, "STORE_SEND_CHUNKED_DATASET", True)
+    await asyncio.to_thread(_send, vna.ports.dicom, [sample])
+    url = f"http://127.0.0.1:{vna.ports.http}/dicomweb"
+    base = _instance_url(url, sample)
+
+    client = _client(url)
+    meta = await asyncio.to_thread(client.retrieve_instance_metadata, sample.study, sample.series, sample.sop)
+    own = meta["7FE00010"]["BulkDataURI"]
+    nested = [item["7FE00010"]["BulkDataURI"] for item in meta["00880200"]["Value"]]
+    assert own == f"{base}/bulk/7FE00010"
+    assert nested == [f"{base}/bulk/00880200/0/7FE00010", f"{base}/bulk/00880200/1/7FE00010"]
+    assert await asyncio.to_thread(client.retrieve_bulkdata, own) == [b"".join(_native_frames(sample))]
+    for uri, icon in zip(nested, icons, strict=True):
+        assert await asyncio.to_thread(client.retrieve_bulkdata, uri) == [icon.PixelData]
+    status, headers, body = await _get(nested[1], "application/octet-stream", Range="bytes=100-199")
+    assert status == 206 and body == icons[1].PixelData[100:200]
+    assert headers["Content-Range"] == f"bytes 100-199/{64 * 64}"
+    # a path that names nothing is 404; one that is not a path is 400
+    for missing in ("00880200/2/7FE00010", "00880200/0/00280010", "00081140/0/7FE00010"):
+        status, _, _ = await _get(f"{base}/bulk/{missing}", "application/octet-stream")
+        assert status == 404, missing
+    for malformed in ("00880200/7FE00010", "00880200/x/7FE00010", "0088020/0/7FE00010"):
+        status, _, _ = await _get(f"{base}/bulk/{malformed}", "application/octet-stream")
+        assert status == 400, malformed
+    status, _, _ = await _get(f"{base}/bulk/00880200/7FE00010", "application/octet-stream")
+    assert status == 400

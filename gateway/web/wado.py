@@ -30,6 +30,7 @@ from pydicom.uid import UID
 from archive import frames as px
 from archive.errors import InternalError, MisuseError, RemoteError, StorageError
 from archive.index import LocatedInstance
+from archive.instance import parse_bulk_path
 from gateway.web.dicomweb import (
     DB_TIMEOUT,
     SERVICES_KEY,
@@ -557,11 +558,19 @@ def _octet_choice(header: str | None) -> bool | None:
 async def retrieve_bulk(request: web.Request) -> web.StreamResponse:
     """GET .../instances/{sop}/bulk/{tag}: the target of the metadata's BulkDataURIs."""
     tag_text = request.match_info["tag"]
-    if not re.fullmatch(r"[0-9A-Fa-f]{8}", tag_text):
-        raise bad_request(f"{tag_text!r} is not a tag (8 hexadecimal digits)")
-    tag = int(tag_text, 16)
+    path = parse_bulk_path(tag_text)
+    if path is None:
+        raise bad_request(f"{tag_text!r} is neither a tag (8 hexadecimal digits) nor a path to one inside "
+                          "sequence items (tag/item/.../tag)")
+    tag = path[-1]
     inst = (await _locate(request))[0]
     obj = await _open(request, inst)
+    if len(path) > 1:  # inside sequence items (archive.instance.nested_bulk_path)
+        obj = await _whole(request, obj)
+        found = await _guarded(_in_pool(request, px.value_at_path, obj.data, path))
+        if found is None:
+            raise not_found(f"instance {inst.sop_instance_uid} has no bulk data at {tag_text.upper()}")
+        return _bulk_response(request, tag_text, found, _octet_choice(request.headers.get("Accept")))
     el = obj.layout.elements.get(tag)
     if el is None or (tag != px.PIXEL_DATA and el.length is not None
                       and el.offset + el.length > len(obj.layout.data)):
@@ -580,13 +589,27 @@ async def retrieve_bulk(request: web.Request) -> web.StreamResponse:
         nested = await _guarded(_in_pool(request, px.nested_element_value, obj.data, tag))
         if nested is None:
             raise not_found(f"instance {inst.sop_instance_uid} has no bulk data ({tag_text.upper()})")
-    size = len(nested) if nested is not None else el.length  # type: ignore[union-attr]
+    if nested is not None:
+        return _bulk_response(request, tag_text, nested, multipart)
+    size = el.length  # type: ignore[union-attr]
     span = _byte_range(request.headers.get("Range"), size)
     first, last = span if span is not None else (0, size - 1)
-    if nested is not None:
-        value = nested[first:last + 1]
-    else:
-        value = await _value_piece(request, obj, el, first, last + 1 - first)  # type: ignore[arg-type]
+    value = await _value_piece(request, obj, el, first, last + 1 - first)  # type: ignore[arg-type]
+    return _bulk_piece_response(request, tag_text, value, size, span, multipart)
+
+
+def _bulk_response(request: web.Request, tag_text: str, whole: bytes, multipart: bool | None) -> web.Response:
+    """A bulk value held whole in memory, its Range applied."""
+    if multipart is None:
+        raise not_acceptable(f"bulk data is sent as {OCTET} (transfer-syntax {ELE})")
+    span = _byte_range(request.headers.get("Range"), len(whole))
+    first, last = span if span is not None else (0, len(whole) - 1)
+    return _bulk_piece_response(request, tag_text, whole[first:last + 1], len(whole), span, multipart)
+
+
+def _bulk_piece_response(request: web.Request, tag_text: str, value: bytes | memoryview, size: int,
+                         span: tuple[int, int] | None, multipart: bool) -> web.Response:
+    first, last = span if span is not None else (0, size - 1)
     part_type = f"{OCTET}; transfer-syntax={ELE}"
     status, part_headers = 200, []
     if span is not None:
@@ -637,4 +660,4 @@ def add_routes(app: web.Application, settings: Any) -> None:
         r.add_get(path, retrieve)
         r.add_get(f"{path}/metadata", metadata)
     r.add_get(f"{instance}/frames/{{frames}}", retrieve_frames)
-    r.add_get(f"{instance}/bulk/{{tag}}", retrieve_bulk)
+    r.add_get(f"{instance}/bulk/{{tag:.+}}", retrieve_bulk)  # a tag, or a path inside sequence items
