@@ -130,7 +130,8 @@ class Runtime:
 
         runner = web.AppRunner(build_app(self.metrics, lambda: self.ready, services, s.dicomweb,
                                          viewer_dir=s.http.viewer_dir), handle_signals=False,
-                               shutdown_timeout=s.http.drain_timeout)
+                               shutdown_timeout=s.http.drain_timeout,
+                               access_log=logging.getLogger("aiohttp.access") if s.http.access_log else None)
         await runner.setup()
         self._stack.push_async_callback(runner.cleanup)
         site = web.TCPSite(runner, s.http.host, s.http.port, reuse_address=True)

@@ -31,6 +31,10 @@ class Metrics:
                                        ["reason"], registry=r)
         self.inflight = Gauge("vna_inflight_requests", "Requests being handled now (a scaling signal)",
                               ["protocol"], registry=r)
+        self.http_requests = Counter("vna_http_requests_total", "HTTP requests by route, method and status class",
+                                     ["route", "method", "status"], registry=r)
+        self.http_latency = Histogram("vna_http_request_seconds", "HTTP request handling time by route",
+                                      ["route"], buckets=_LATENCY_BUCKETS, registry=r)
         self.orphans_removed = Counter("vna_orphan_objects_removed_total",
                                        "Objects removed because no index row referenced them", registry=r)
         self.sent_instances = Counter("vna_retrieve_instances_total", "Instances sent by C-MOVE/C-GET by outcome",

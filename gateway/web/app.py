@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -35,6 +36,36 @@ async def readyz(request: web.Request) -> web.Response:
 async def metrics(request: web.Request) -> web.Response:
     body = generate_latest(request.app[METRICS_KEY].registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def metrics_middleware(metrics_: Metrics):  # type: ignore[no-untyped-def]
+    """Count and time every request by its route pattern (bounded label values), and keep the number in
+    flight: with http.access_log off (the default) these are the record of HTTP traffic."""
+    inflight = metrics_.inflight.labels("http")
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else "unmatched"
+        started = time.perf_counter()
+        status = 500
+        inflight.inc()
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        except web.HTTPException as exc:
+            status = exc.status
+            raise
+        except asyncio.CancelledError:
+            status = 499  # the client went away before the answer (nginx's "client closed request")
+            raise
+        finally:
+            inflight.dec()
+            metrics_.http_requests.labels(route, request.method, f"{status // 100}xx").inc()
+            metrics_.http_latency.labels(route).observe(time.perf_counter() - started)
+
+    return middleware
 
 
 def cors_middleware(origins: tuple[str, ...]):  # type: ignore[no-untyped-def]
@@ -112,7 +143,7 @@ def add_viewer_routes(app: web.Application, viewer_dir: Path, reserved: tuple[st
 def build_app(metrics_: Metrics, ready: Callable[[], bool], services: ArchiveServices | None = None,
               settings: DicomwebSettings | None = None, *, viewer_dir: Path | None = None) -> web.Application:
     settings = settings or DicomwebSettings()
-    app = web.Application(middlewares=[cors_middleware(settings.cors_origins)],
+    app = web.Application(middlewares=[metrics_middleware(metrics_), cors_middleware(settings.cors_origins)],
                           client_max_size=settings.max_stow_bytes)
     app[READY_KEY] = ready
     app[METRICS_KEY] = metrics_

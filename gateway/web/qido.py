@@ -12,6 +12,7 @@ Decisions:
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -65,6 +66,7 @@ def ascii_json(text: str) -> str:
     return text if text.isascii() else _NON_ASCII.sub(_escape, text)
 
 
+@functools.lru_cache(maxsize=4096)
 def parse_tag(name: str) -> int:
     """A keyword (`PatientName`) or eight hex digits (`00100010`) as a tag; QidoError otherwise."""
     if len(name) == 8:
@@ -78,6 +80,7 @@ def parse_tag(name: str) -> int:
     return tag
 
 
+@functools.lru_cache(maxsize=4096)
 def _vr(tag: int) -> str:
     try:
         vr = dictionary_VR(tag)
