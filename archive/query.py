@@ -18,6 +18,8 @@ Matching rules, decided once here:
 
 from __future__ import annotations
 
+import functools
+
 import json
 import re
 from dataclasses import dataclass, field
@@ -417,6 +419,22 @@ def _object_text(query: Query, item_conds: dict[int, str]) -> str:
 
 
 def build_json_sql(query: Query) -> tuple[str, list[Any]]:
+    """`_build_json_sql`, memoized: viewers repeat the same searches (a study list refreshed, a patient's
+    studies), and composing the statement is a fifth of a small QIDO-RS request's CPU."""
+    try:
+        sql, args = _json_sql_memo(query)
+    except TypeError:  # a value that cannot be hashed: compose it afresh
+        return _build_json_sql(query)
+    return sql, list(args)
+
+
+@functools.lru_cache(maxsize=1024)
+def _json_sql_memo(query: Query) -> tuple[str, tuple[Any, ...]]:
+    sql, args = _build_json_sql(query)
+    return sql, tuple(args)
+
+
+def _build_json_sql(query: Query) -> tuple[str, list[Any]]:
     """SELECT of one text value: the DICOM JSON array answering `query` (PS3.18 10.6.3), "[]" when
     nothing matches; `limit` and `offset` apply, entities come in primary-key order as `build_sql`'s."""
     sql, item_conds = _match(query)

@@ -6,6 +6,8 @@ Handles lists, q-values, quoted and unquoted parameters (`type="application/dico
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass, field
 
 
@@ -67,6 +69,15 @@ def parse_media_range(text: str) -> MediaRange | None:
 
 def parse_accept(header: str | None) -> list[MediaRange]:
     """The ranges of an Accept header, best first (stable for equal q); empty header: `*/*`."""
+    return list(_parse_accept(header))
+
+
+@functools.lru_cache(maxsize=256)  # clients send the same few Accept headers again and again
+def _parse_accept(header: str | None) -> tuple[MediaRange, ...]:
+    return tuple(_parse_accept_uncached(header))
+
+
+def _parse_accept_uncached(header: str | None) -> list[MediaRange]:
     if not header or not header.strip():
         return [MediaRange("*/*")]
     ranges = [r for r in (parse_media_range(p) for p in _split(header, ",")) if r is not None]
