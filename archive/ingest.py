@@ -17,7 +17,7 @@ import logging
 import secrets
 import time
 from dataclasses import dataclass
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from archive.attributes import Level
@@ -62,11 +62,14 @@ class Ingestor:
                                   calling_ae=source_ae)
 
     async def ingest_part10(self, data: bytes, *, protocol: str, source: str, calling_ae: str | None = None,
-                            admit: Callable[[ParsedInstance], None] | None = None) -> IngestResult:
+                            admit: Callable[[ParsedInstance], None] | None = None,
+                            before_index: Callable[[], Awaitable[None]] | None = None) -> IngestResult:
         """Store a PS3.10 file (STOW-RS) exactly as received, File Meta Information included.
         `calling_ae`: the sender's AE title when it has one (storage policies may match on it).
         `admit`: the caller's own checks of the parsed instance (e.g. STOW-RS's target study), run before
-        anything is written; InvalidInstance from it refuses the instance like a failed parse."""
+        anything is written; InvalidInstance from it refuses the instance like a failed parse.
+        `before_index`: awaited between writing the object and indexing it (STOW-RS writes several parts at
+        once but indexes them in the order of the body)."""
         try:
             ts, offset = split_part10(data)
         except InvalidInstance as exc:
@@ -79,7 +82,8 @@ class Ingestor:
             except InvalidInstance as exc:
                 self.metrics.ingest_failures.labels(exc.code).inc()
                 raise
-        return await self._commit(parsed, [data], offset, protocol=protocol, source=source, calling_ae=calling_ae)
+        return await self._commit(parsed, [data], offset, protocol=protocol, source=source, calling_ae=calling_ae,
+                                  before_index=before_index)
 
     def _parse(self, dataset: bytes, ts: str, sop_class: str | None, sop_instance: str | None) -> ParsedInstance:
         try:
@@ -93,7 +97,8 @@ class Ingestor:
             raise
 
     async def _commit(self, parsed: ParsedInstance, parts: list[bytes], dataset_offset: int, *,
-                      protocol: str, source: str, calling_ae: str | None) -> IngestResult:
+                      protocol: str, source: str, calling_ae: str | None,
+                      before_index: Callable[[], Awaitable[None]] | None = None) -> IngestResult:
         started = time.perf_counter()
         try:
             # the storage policy's rules choose the class, hence the store and pool (archive/policy.py)
@@ -102,6 +107,8 @@ class Ingestor:
                 protocol=protocol, modality=_first_text(parsed.metadata, "00080060")))
             key = object_key(parsed.study_instance_uid, parsed.series_instance_uid, parsed.sop_instance_uid)
             obj = await placement.put(key, parts, timeout=self._store_timeout)
+            if before_index is not None:
+                await before_index()  # a failure or cancellation here leaves an orphan for the sweeper
             result = await self.index.store_instance(
                 parsed, obj, store=placement.store_name, dataset_offset=dataset_offset, source=source,
                 policy=self.settings.duplicate_policy, timeout=self._db_timeout,

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import tempfile
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from io import BytesIO
 from typing import IO, Any
@@ -180,6 +181,9 @@ class StoreTransaction:
         self.failed: list[Failed] = []
         self._running: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(request.app[SETTINGS_KEY].stow_parallel_parts)
+        # set once the latest submitted part is indexed or has failed: the next part indexes after it
+        self._last_indexed: asyncio.Event | None = None
+        self._cancelled = False
 
     async def submit(self, part: int, buffer: PartBuffer) -> None:
         """Store one complete part; it runs while the next parts are received. At most
@@ -190,19 +194,39 @@ class StoreTransaction:
         except BaseException:
             self._slots.release()
             raise
-        task = asyncio.create_task(self._store_in_slot(part, data))
+        previous, done = self._last_indexed, asyncio.Event()
+        self._last_indexed = done
+        task = asyncio.create_task(self._store_in_slot(part, data, previous, done))
         self._running.add(task)
         task.add_done_callback(self._running.discard)
 
-    async def _store_in_slot(self, part: int, data: bytes) -> None:
+    async def _store_in_slot(self, part: int, data: bytes, previous: asyncio.Event | None,
+                             done: asyncio.Event) -> None:
+        async def after_previous() -> None:
+            # objects are written at once, index rows in body order: a search lists them as they were sent
+            if previous is not None:
+                await previous.wait()
         try:
-            await self._store(part, data)
+            await self._store(part, data, after_previous)
         finally:
             self._slots.release()
+            # this part is settled; the next one may index once every earlier part is settled too
+            if previous is None or previous.is_set() or self._cancelled:
+                done.set()
+            else:
+                chain = asyncio.ensure_future(self._settle_after(previous, done))
+                self._running.add(chain)
+                chain.add_done_callback(self._running.discard)
+
+    @staticmethod
+    async def _settle_after(previous: asyncio.Event, done: asyncio.Event) -> None:
+        await previous.wait()
+        done.set()
 
     def cancel(self) -> None:
         """Abandon the stores still running (the handler itself is being cancelled); ingest is atomic."""
-        for task in self._running:
+        self._cancelled = True
+        for task in list(self._running):
             task.cancel()
 
     async def drain(self) -> None:
@@ -223,11 +247,11 @@ class StoreTransaction:
             raise InvalidInstance(f"Study Instance UID {parsed.study_instance_uid} differs from the target study "
                                   f"{self.study}", status=DATA_SET_DOES_NOT_MATCH_SOP_CLASS, code="study-mismatch")
 
-    async def _store(self, part: int, data: bytes) -> None:
+    async def _store(self, part: int, data: bytes, before_index: Callable[[], Awaitable[None]]) -> None:
         # one parse, the ingest path's; the quick header read below only names a refused part
         try:
             result = await self.services.ingestor.ingest_part10(data, protocol="dicomweb", source="dicomweb",
-                                                                admit=self._admit)
+                                                                admit=self._admit, before_index=before_index)
         except InvalidInstance as exc:
             # exc.status is the PS3.4 C-STORE status: the same ranges as PS3.18 I.2.2 (A7xx, A9xx, Cxxx)
             failure = (exc.status, exc.reason, "dicom")
