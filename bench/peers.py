@@ -90,6 +90,23 @@ def echo(peer: Peer) -> bool:
     return r.returncode == 0
 
 
+ORTHANC_PACKAGES = ("orthanc", "orthanc-dicomweb", "orthanc-postgresql")
+
+
+def ensure_orthanc() -> None:
+    """Orthanc and its two plugins from Debian, installed with apt when missing (as root)."""
+    wanted = [Path(ORTHANC_BIN), ORTHANC_PLUGINS / "libOrthancPostgreSQLIndex.so",
+              ORTHANC_PLUGINS / "libOrthancDicomWeb.so"]
+    if all(p.exists() for p in wanted):
+        return
+    if os.geteuid() != 0:
+        raise RuntimeError(f"Orthanc is missing: sudo apt-get install {' '.join(ORTHANC_PACKAGES)}")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    subprocess.run(["apt-get", "update", "-qq"], env=env, check=True)
+    subprocess.run(["apt-get", "install", "-y", "-qq", *ORTHANC_PACKAGES], env=env, check=True,
+                   stdout=subprocess.DEVNULL)
+
+
 @contextmanager
 def orthanc(workdir: Path, destinations: dict[str, tuple[str, int]], tcp_nodelay: bool = True,
             overrides: dict | None = None) -> Iterator[Peer]:
@@ -98,6 +115,7 @@ def orthanc(workdir: Path, destinations: dict[str, tuple[str, int]], tcp_nodelay
     Orthanc's DICOM stack is dcmtk, so ``tcp_nodelay`` (TCP_NODELAY=1 in its environment) spares it
     the delayed-ACK stalls as it does the dcmtk tools. ``overrides`` are merged into its configuration.
     """
+    ensure_orthanc()
     workdir.mkdir(parents=True, exist_ok=True)
     pg = EmbeddedPostgres(workdir / "pg")
     dsn = urlsplit(pg.ensure_running())
