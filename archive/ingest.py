@@ -63,7 +63,7 @@ class Ingestor:
 
     async def ingest_part10(self, data: bytes, *, protocol: str, source: str, calling_ae: str | None = None,
                             admit: Callable[[ParsedInstance], None] | None = None,
-                            before_index: Callable[[], Awaitable[None]] | None = None) -> IngestResult:
+                            before_index: Callable[[], Awaitable[object]] | None = None) -> IngestResult:
         """Store a PS3.10 file (STOW-RS) exactly as received, File Meta Information included.
         `calling_ae`: the sender's AE title when it has one (storage policies may match on it).
         `admit`: the caller's own checks of the parsed instance (e.g. STOW-RS's target study), run before
@@ -98,7 +98,7 @@ class Ingestor:
 
     async def _commit(self, parsed: ParsedInstance, parts: list[bytes], dataset_offset: int, *,
                       protocol: str, source: str, calling_ae: str | None,
-                      before_index: Callable[[], Awaitable[None]] | None = None) -> IngestResult:
+                      before_index: Callable[[], Awaitable[object]] | None = None) -> IngestResult:
         started = time.perf_counter()
         try:
             # the storage policy's rules choose the class, hence the store and pool (archive/policy.py)

@@ -202,12 +202,9 @@ class StoreTransaction:
 
     async def _store_in_slot(self, part: int, data: bytes, previous: asyncio.Event | None,
                              done: asyncio.Event) -> None:
-        async def after_previous() -> None:
-            # objects are written at once, index rows in body order: a search lists them as they were sent
-            if previous is not None:
-                await previous.wait()
         try:
-            await self._store(part, data, after_previous)
+            # objects are written at once, index rows in body order: a search lists them as they were sent
+            await self._store(part, data, previous.wait if previous is not None else None)
         finally:
             self._slots.release()
             # this part is settled; the next one may index once every earlier part is settled too
@@ -247,7 +244,7 @@ class StoreTransaction:
             raise InvalidInstance(f"Study Instance UID {parsed.study_instance_uid} differs from the target study "
                                   f"{self.study}", status=DATA_SET_DOES_NOT_MATCH_SOP_CLASS, code="study-mismatch")
 
-    async def _store(self, part: int, data: bytes, before_index: Callable[[], Awaitable[None]]) -> None:
+    async def _store(self, part: int, data: bytes, before_index: Callable[[], Awaitable[object]] | None) -> None:
         # one parse, the ingest path's; the quick header read below only names a refused part
         try:
             result = await self.services.ingestor.ingest_part10(data, protocol="dicomweb", source="dicomweb",
