@@ -175,10 +175,6 @@ class RadosReader:
         """Up to `length` bytes of object `name` from `offset`."""
         return (await self._read_op(pool, name, length, offset, None))[1]
 
-    async def get_xattr(self, pool: str, name: str, xattr: str) -> bytes | None:
-        """The extended attribute `xattr` of object `name` (None: the object has no such attribute)."""
-        return (await self._read_op(pool, name, 0, 0, xattr))[0]
-
     async def read_head(self, pool: str, name: str, xattr: str, length: int) -> tuple[bytes | None, bytes]:
         """The extended attribute `xattr` (None if absent) and up to `length` bytes from the start of object
         `name`, in one read operation (one round trip to the primary OSD, or the nearest one)."""
