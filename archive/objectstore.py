@@ -8,6 +8,7 @@ Writes are atomic: an object is either complete under its final name or absent.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import time
@@ -19,6 +20,7 @@ from typing import Protocol
 from archive.errors import StorageError
 
 _CHUNK = 1 << 20
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,8 +57,15 @@ def digest_of(parts: Sequence[bytes]) -> str:
 class FileSystemStore:
     """Objects as files under `root`; the location is the path relative to root.
 
-    A put writes `<final>.tmp-<random>` in the final directory, fsyncs it, renames it over the final
-    name and fsyncs the directory, so after a crash a name either holds the whole object or nothing.
+    A put creates the file under its final name (O_EXCL: keys are never reused, see
+    archive/ingest.py `object_key`), writes it, fdatasyncs it and fsyncs its directory (on filesystems
+    that persist a new name with the file's own fsync, only the parents of directories it had to create),
+    so once `put` returns the object survives a crash. A crash during a
+    put can leave a partial file, but under a key no index row names yet: the orphan sweeper removes it.
+    Writing in place rather than to a temporary name renamed afterwards saves a second directory update
+    and its flush on every instance. Only a put over an existing name (a retried move copying to the
+    location it planned) goes through a temporary file renamed over the old one, so what was there is
+    replaced whole or not at all.
     Blocking calls run in the default thread pool, never on the event loop.
     """
 
@@ -66,6 +75,11 @@ class FileSystemStore:
         self.root = Path(root).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
         self._fsync = fsync
+        # POSIX makes a new file's name durable only with an fsync of its directory. ext4, XFS and btrfs
+        # persist it with the file's own fsync (ext4: the journal commit, or ext4_sync_parent without a
+        # journal; XFS: the log force covers the create; btrfs: the tree log holds the new name), and the
+        # directory's fsync would cost one more device cache flush per instance.
+        self._new_entry_synced = filesystem_type(self.root) in _NAME_SYNCED_WITH_FILE
 
     def _path(self, location: str) -> Path:
         # normpath, not resolve(): a pure string operation, safe on the event loop (no stat calls)
@@ -85,22 +99,32 @@ class FileSystemStore:
 
     def _put_sync(self, key: str, parts: Sequence[bytes], digest: str | None) -> StoredObject:
         final = self._path(key)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = final.with_name(f"{final.name}.tmp-{os.urandom(6).hex()}")
-        h = hashlib.sha256()
-        size = 0
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
-            for p in parts:
-                if digest is None:
-                    h.update(p)
-                view = memoryview(p)
-                while view:
-                    n = os.write(fd, view)
-                    view = view[n:]
-                size += len(p)
-            if self._fsync:
-                os.fsync(fd)
+            try:
+                fd = os.open(final, _CREATE, 0o644)
+            except FileNotFoundError:
+                self._make_dirs(final.parent)
+                fd = os.open(final, _CREATE, 0o644)
+        except FileExistsError:
+            return self._replace_sync(final, key, parts, digest)
+        try:
+            written = self._write_sync(fd, parts, digest)
+        except BaseException:
+            os.close(fd)
+            final.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+        if self._fsync and not self._new_entry_synced:
+            _fsync_dir(final.parent)
+        return StoredObject(location=key, size=written[0], digest=written[1])
+
+    def _replace_sync(self, final: Path, key: str, parts: Sequence[bytes], digest: str | None) -> StoredObject:
+        """Put over an existing name: a temporary file renamed over it, so the old object stays whole until
+        the new one is complete."""
+        tmp = final.with_name(f"{final.name}.tmp-{os.urandom(6).hex()}")
+        fd = os.open(tmp, _CREATE, 0o644)
+        try:
+            size, actual = self._write_sync(fd, parts, digest)
         except BaseException:
             os.close(fd)
             tmp.unlink(missing_ok=True)
@@ -108,12 +132,35 @@ class FileSystemStore:
         os.close(fd)
         os.rename(tmp, final)
         if self._fsync:
-            dfd = os.open(final.parent, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-        return StoredObject(location=key, size=size, digest=digest or "sha256:" + h.hexdigest())
+            _fsync_dir(final.parent)
+        return StoredObject(location=key, size=size, digest=actual)
+
+    def _write_sync(self, fd: int, parts: Sequence[bytes], digest: str | None) -> tuple[int, str]:
+        h = hashlib.sha256() if digest is None else None
+        size = 0
+        for p in parts:
+            if h is not None:
+                h.update(p)
+            view = memoryview(p)
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
+            size += len(p)
+        if self._fsync:
+            os.fdatasync(fd)  # the data and the size; a new file's name is made durable by _fsync_dir
+        return size, digest or "sha256:" + h.hexdigest()  # type: ignore[union-attr]
+
+    def _make_dirs(self, directory: Path) -> None:
+        """Create `directory` and its missing parents; each new entry made durable in its parent."""
+        missing = []
+        while not directory.exists():
+            missing.append(directory)
+            directory = directory.parent
+        for d in reversed(missing):
+            with contextlib.suppress(FileExistsError):  # a concurrent put into the same series
+                d.mkdir()
+            if self._fsync:  # also when another put created it: its fsync may not have happened yet
+                _fsync_dir(d.parent)
 
     async def put(self, key: str, parts: Sequence[bytes], *, digest: str | None = None,
                   timeout: float = 60.0) -> StoredObject:
@@ -168,3 +215,32 @@ class FileSystemStore:
         loop = asyncio.get_running_loop()
         for location in await loop.run_in_executor(None, self._scan_sync, age_seconds):
             yield location
+
+
+_NAME_SYNCED_WITH_FILE = frozenset({"ext4", "xfs", "btrfs"})
+
+
+def filesystem_type(path: Path) -> str | None:
+    """The type of the filesystem holding `path` (Linux /proc/self/mounts, longest mount point), or None."""
+    try:
+        mounts = Path("/proc/self/mounts").read_text().splitlines()
+    except OSError:
+        return None
+    best, kind = -1, None
+    target = str(path.resolve())
+    for line in mounts:
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = fields[1].replace("\\040", " ")
+        if (target == point or target.startswith(point.rstrip("/") + "/")) and len(point) > best:
+            best, kind = len(point), fields[2]
+    return kind
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
