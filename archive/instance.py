@@ -365,6 +365,44 @@ def file_meta(sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: st
 
 def split_part10(data: bytes) -> tuple[str, int]:
     """(transfer syntax, offset of the data set) of a PS3.10 file; InvalidInstance if it is not one."""
+    found = _file_meta_explicit_le(data)
+    return found if found is not None else _split_part10_pydicom(data)
+
+
+def _file_meta_explicit_le(data: bytes) -> tuple[str, int] | None:
+    """The common case read directly: preamble, 'DICM' and a group 0002 in Explicit VR Little Endian as
+    PS3.10 7.1 requires; the data set starts at the first element of another group. None for anything
+    else (a file without preamble, an implicit VR meta group, a truncated or odd one): pydicom's reader,
+    which tolerates more and says what is wrong, decides those."""
+    if len(data) < 132 or data[128:132] != b"DICM":
+        return None
+    pos, end, ts = 132, len(data), None
+    while end - pos >= 8:
+        group, element = struct.unpack_from("<HH", data, pos)
+        if group != 0x0002:
+            break
+        vr = data[pos + 4:pos + 6]
+        if not (vr.isalpha() and vr.isupper()):
+            return None
+        if vr in _LONG_VRS:
+            if end - pos < 12:
+                return None
+            (length,) = struct.unpack_from("<L", data, pos + 8)
+            value = pos + 12
+        else:
+            (length,) = struct.unpack_from("<H", data, pos + 6)
+            value = pos + 8
+        if length == _UNDEFINED or value + length > end:
+            return None
+        if element == 0x0010:
+            ts = bytes(data[value:value + length]).decode("ascii", "replace").strip("\0 ")
+        pos = value + length
+    else:
+        return None  # the file ends inside (or right after) its meta group: let pydicom judge it
+    return (ts, pos) if ts else None
+
+
+def _split_part10_pydicom(data: bytes) -> tuple[str, int]:
     fp = BytesIO(data)
     try:
         read_preamble(fp, False)
