@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 MAX_HEADER_BYTES = 16 * 1024   # per part; a DICOM part needs one or two short header lines
 _MAX_PADDING = 256             # linear white space allowed after a boundary (RFC 2046 "transport-padding")
 _HEADER_END = re.compile(rb"\r?\n\r?\n")
+_LINE_END = re.compile(rb"\r?\n")
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # RFC 9110 5.6.2 header field name
 
 _PREAMBLE, _HEADERS, _BODY, _END = "preamble", "headers", "body", "end"
@@ -78,7 +79,12 @@ def parse_headers(block: bytes) -> tuple[dict[str, str], str | None]:
 
 
 class BodyParser:
-    """Incremental parser of one multipart body with a known boundary."""
+    """Incremental parser of one multipart body with a known boundary.
+
+    What is kept between chunks is `_buf` from offset `_off`: the few bytes that may begin a delimiter, or
+    headers not yet complete. A chunk is scanned where it lies (joined to that small rest only when there is
+    one) and content is handed out as views of it, so no byte of a part is copied here.
+    """
 
     def __init__(self, boundary: str, *, max_header_bytes: int = MAX_HEADER_BYTES) -> None:
         if not valid_boundary(boundary):
@@ -86,7 +92,8 @@ class BodyParser:
         self._delimiter = b"\r\n--" + boundary.encode("ascii")
         self._max_header_bytes = max_header_bytes
         # the first delimiter may open the body without a CRLF before it: pretend there was one
-        self._buf = bytearray(b"\r\n")
+        self._buf: bytes = b"\r\n"
+        self._off = 0
         self._state = _PREAMBLE
         self.parts = 0
 
@@ -100,7 +107,9 @@ class BodyParser:
         events: list[Event] = []
         if self._state == _BODY and self._body_without_delimiter(data, events):
             return events
-        self._buf += data
+        rest = len(self._buf) - self._off
+        self._buf = (self._buf[self._off:] + bytes(data)) if rest else bytes(data)
+        self._off = 0
         while self._step(events):
             pass
         return events
@@ -109,9 +118,10 @@ class BodyParser:
         """The common case inside a large part: a chunk with no delimiter in it or across its edges is
         content, handed out without being copied; False to take the general path."""
         d = self._delimiter
-        if len(self._buf) >= len(d) or len(data) < len(d) or d in data:
+        rest = self._buf[self._off:]
+        if len(rest) >= len(d) or len(data) < len(d) or d in data:
             return False
-        if self._buf and d in bytes(self._buf) + data[:len(d) - 1]:
+        if rest and d in rest + data[:len(d) - 1]:
             return False  # a delimiter that begins in what was kept from the previous chunk
         # keep the longest end of the chunk that could begin a delimiter completed by the next chunk
         keep = 0
@@ -121,10 +131,10 @@ class BodyParser:
                 keep = len(data) - pos
                 break
             pos = data.rfind(b"\r", len(data) - len(d) + 1, pos)
-        if self._buf:
-            events.append(PartData(self.parts, bytes(self._buf)))
+        if rest:
+            events.append(PartData(self.parts, rest))
         events.append(PartData(self.parts, memoryview(data)[:len(data) - keep] if keep else data))
-        self._buf = bytearray(data[len(data) - keep:]) if keep else bytearray()
+        self._buf, self._off = (bytes(data[len(data) - keep:]) if keep else b""), 0
         return True
 
     def close(self) -> list[Event]:
@@ -170,12 +180,12 @@ class BodyParser:
 
     def _find_delimiter(self, events: list[Event], number: int | None) -> tuple[str, int] | None:
         """Scan for the next delimiter, emitting (or, in the preamble, dropping) what precedes it."""
-        start = 0
+        start = self._off
         while True:
             at = self._buf.find(self._delimiter, start)
             if at < 0:
                 keep = len(self._delimiter) - 1
-                self._release(max(0, len(self._buf) - keep), events, number)
+                self._release(max(self._off, len(self._buf) - keep), events, number)
                 return None
             end = self._delimiter_end(at)
             if end is None:
@@ -186,21 +196,20 @@ class BodyParser:
                 start = nxt
                 continue
             self._release(at, events, number)
-            del self._buf[:nxt - at]
+            self._off = nxt
             return kind, 0
 
     def _release(self, upto: int, events: list[Event], number: int | None) -> None:
-        if upto <= 0:
+        if upto <= self._off:
             return
         if number is not None:
-            with memoryview(self._buf) as view:
-                events.append(PartData(number, view[:upto].tobytes()))  # one copy
-        del self._buf[:upto]
+            events.append(PartData(number, memoryview(self._buf)[self._off:upto]))  # a view, no copy
+        self._off = upto
 
     def _open_part(self, kind: str) -> None:
         if kind == "close":
             self._state = _END
-            self._buf.clear()
+            self._buf, self._off = b"", 0
         else:
             self.parts += 1
             self._state = _HEADERS
@@ -213,29 +222,30 @@ class BodyParser:
         return self._state != _END
 
     def _headers(self, events: list[Event]) -> bool:
-        empty = re.match(rb"\r?\n", self._buf)
+        buf, off = self._buf, self._off
+        empty = _LINE_END.match(buf, off)
         if empty:  # no header fields at all
             block, body_at = b"", empty.end()
         else:
-            end = _HEADER_END.search(self._buf, 0, self._max_header_bytes + 4)
-            delimiter_at = self._buf.find(self._delimiter, 0, self._max_header_bytes + len(self._delimiter))
+            end = _HEADER_END.search(buf, off, off + self._max_header_bytes + 4)
+            delimiter_at = buf.find(self._delimiter, off, off + self._max_header_bytes + len(self._delimiter))
             if delimiter_at >= 0 and (end is None or delimiter_at < end.start()):
                 # the next delimiter comes before the empty line that ends the headers
                 events.append(PartStart(self.parts, error=f"part {self.parts} has no empty line after its headers"))
                 self._state = _BODY
                 return True
             if end is None:
-                if len(self._buf) > self._max_header_bytes:
+                if len(buf) - off > self._max_header_bytes:
                     # the part keeps its framing: its content (headers included) is delimited and dropped
                     events.append(PartStart(self.parts, error=f"part headers exceed {self._max_header_bytes} bytes"))
                     self._state = _BODY
                     return True
                 return False
-            block, body_at = bytes(self._buf[:end.start()]), end.end()
+            block, body_at = buf[off:end.start()], end.end()
         headers, error = parse_headers(block) if block else ({}, None)
         events.append(PartStart(self.parts, headers, error))
         # empty content is fine: the delimiter (CRLF included) then follows at once
-        del self._buf[:body_at]
+        self._off = body_at
         self._state = _BODY
         return True
 
