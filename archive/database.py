@@ -8,6 +8,7 @@ from importlib import resources
 
 import asyncpg
 
+from archive import jsontext
 from archive.errors import DatabaseError
 
 # Any fixed number: every replica takes the same advisory lock so only one migrates at a time.
@@ -49,7 +50,7 @@ async def migrate(conn: asyncpg.Connection, *, timeout: float = 60.0) -> list[in
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
-    await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+    await conn.set_type_codec("jsonb", encoder=jsontext.dumps, decoder=json.loads, schema="pg_catalog")
 
 
 async def _reset_connection(conn: asyncpg.Connection) -> None:

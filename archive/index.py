@@ -9,6 +9,7 @@ from typing import Any
 
 import asyncpg
 
+from archive import jsontext
 from archive.attributes import Level
 from archive.config import DuplicatePolicy
 from archive.errors import DatabaseError, MisuseError
@@ -80,7 +81,7 @@ class Index:
             c["pps_start_date"], c["pps_start_time"], la[Level.SERIES],
             parsed.sop_instance_uid, parsed.sop_class_uid, c["instance_number"], c["content_date"],
             c["content_time"], c["acquisition_datetime"], parsed.transfer_syntax_uid, store, obj.location,
-            obj.size, obj.digest, dataset_offset, la[Level.IMAGE], json.dumps(parsed.metadata), source,
+            obj.size, obj.digest, dataset_offset, la[Level.IMAGE], jsontext.dumps(parsed.metadata), source,
             policy.value, storage_class,
         )
         try:

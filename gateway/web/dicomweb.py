@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 from urllib.parse import urlsplit
 
 from aiohttp import web
 
+from archive import jsontext
 from archive.attributes import Level
 from archive.config import DicomwebSettings
 from archive.errors import RemoteError
@@ -58,7 +58,7 @@ def _host_with_port(request: web.Request) -> str:
 
 
 def json_response(payload: Any, *, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(body=json.dumps(payload, separators=(",", ":")).encode(), content_type=_DICOM_JSON,
+    return web.Response(body=jsontext.dumps_bytes(payload), content_type=_DICOM_JSON,
                         headers=headers)
 
 
