@@ -74,6 +74,8 @@ class FileSystemStore:
     def __init__(self, root: Path, *, fsync: bool = True) -> None:
         self.root = Path(root).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
+        self._root_text = str(self.root)
+        self._root_prefix = self._root_text.rstrip("/") + "/"
         self._fsync = fsync
         # POSIX makes a new file's name durable only with an fsync of its directory. ext4, XFS and btrfs
         # persist it with the file's own fsync (ext4: the journal commit, or ext4_sync_parent without a
@@ -83,15 +85,16 @@ class FileSystemStore:
 
     def _path(self, location: str) -> Path:
         # normpath, not resolve(): a pure string operation, safe on the event loop (no stat calls)
-        p = Path(os.path.normpath(self.root / location))
-        if self.root not in p.parents:
+        path = os.path.normpath(os.path.join(self._root_text, location))
+        if not path.startswith(self._root_prefix):
             raise StorageError(f"location {location!r} escapes the store")
-        return p
+        return Path(path)
 
     async def _in_thread(self, fn, *args, timeout: float):  # type: ignore[no-untyped-def]
         loop = asyncio.get_running_loop()
         try:
-            return await asyncio.wait_for(loop.run_in_executor(None, fn, *args), timeout)
+            async with asyncio.timeout(timeout):
+                return await loop.run_in_executor(None, fn, *args)
         except OSError as exc:
             raise StorageError(f"filesystem store: {exc}") from exc
         except TimeoutError as exc:

@@ -65,3 +65,13 @@ async def test_directory_fsyncs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 def test_filesystem_type_of_known_mounts(tmp_path: Path) -> None:
     assert filesystem_type(Path("/proc/self")) == "proc"
     assert filesystem_type(tmp_path) not in (None, "proc")
+
+
+@pytest.mark.parametrize("location", ["../outside.dcm", "a/../../outside.dcm", "/etc/passwd", ""])
+async def test_locations_outside_the_root_are_refused(tmp_path: Path, location: str) -> None:
+    store = FileSystemStore(tmp_path / "objects")
+    with pytest.raises(StorageError):
+        await store.put(location, [b"x"], timeout=5)
+    with pytest.raises(StorageError):
+        await store.get(location, timeout=5)
+    assert not (tmp_path / "outside.dcm").exists()
