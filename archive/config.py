@@ -164,6 +164,11 @@ class StorageSettings(_Section):
     moves: MoveSettings = MoveSettings()
 
 
+class EventLoop(str, Enum):
+    uvloop = "uvloop"    # libuv's loop: sockets, timers and callbacks in C (the STOW-RS and WADO-RS hot paths)
+    asyncio = "asyncio"  # the standard library's selector loop
+
+
 class DuplicatePolicy(str, Enum):
     reject = "reject"
     keep_newest = "keep-newest"
@@ -185,6 +190,10 @@ class Settings(BaseSettings):
     data_dir: Path = Path(".data")
     ae_title: str = "VNA"
     log_level: str = "INFO"
+    event_loop: EventLoop = EventLoop.uvloop
+    # threads for blocking calls (file writes and their fsyncs, librados, pydicom): the event loop's default
+    # executor. Most of their time is spent waiting on the device, so more than the CPUs.
+    io_threads: int = Field(16, ge=1, le=256)
     dicom: DicomSettings = DicomSettings()
     http: HttpSettings = HttpSettings()
     dicomweb: DicomwebSettings = DicomwebSettings()

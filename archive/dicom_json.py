@@ -839,11 +839,13 @@ def to_dicom_json(
     bulk_uri: Callable[[int], str] = lambda tag: f"bulk/{tag:08X}",
     stop_at_pixel_data: bool = True,
     nested_bulk_uri: Callable[[tuple[int, ...]], str] | None = None,
+    start: int = 0,
 ) -> dict[str, Any]:
     """Return the DICOM JSON Model (PS3.18 F.2) of an encoded data set, without bulk data.
 
     `buf` is the data set as transferred (PS3.5 7, after the PS3.10 File Meta Information and
-    already inflated for the Deflated transfer syntax; anything but ``bytes`` is copied once);
+    already inflated for the Deflated transfer syntax; anything but ``bytes`` is copied once), from
+    offset `start` (a whole PS3.10 file can be given, with `start` after its File Meta Information);
     `implicit_vr` and `little_endian` come from its transfer syntax, though like pydicom the VR
     field of the first element has the last word on implicit vs explicit VR. Binary values
     longer than ``(bulk_data_threshold // 4) * 3`` bytes (so that their base64 stays under the
@@ -871,10 +873,10 @@ def to_dicom_json(
     implicit = bool(implicit_vr)
     end = len(data)
     # pydicom trusts the first element over the transfer syntax (filereader._is_implicit_vr)
-    if end >= 6:
-        implicit = _looks_implicit(data, 0, end)
+    if end - start >= 6:
+        implicit = _looks_implicit(data, start, end)
     try:
-        raw, _ = _scan(data, 0, end, implicit, syn, delimited=False,
+        raw, _ = _scan(data, start, end, implicit, syn, delimited=False,
                        stop_at_pixel_data=stop_at_pixel_data)
         charset = raw.get(_CHARSET)
         encodings = (

@@ -75,7 +75,7 @@ class Ingestor:
         except InvalidInstance as exc:
             self.metrics.ingest_failures.labels(exc.code).inc()
             raise
-        parsed = self._parse(data[offset:], ts, None, None)
+        parsed = self._parse(data, ts, None, None, start=offset)  # parsed where it lies: no copy
         if admit is not None:
             try:
                 admit(parsed)
@@ -85,13 +85,15 @@ class Ingestor:
         return await self._commit(parsed, [data], offset, protocol=protocol, source=source, calling_ae=calling_ae,
                                   before_index=before_index)
 
-    def _parse(self, dataset: bytes, ts: str, sop_class: str | None, sop_instance: str | None) -> ParsedInstance:
+    def _parse(self, dataset: bytes, ts: str, sop_class: str | None, sop_instance: str | None, *,
+               start: int = 0) -> ParsedInstance:
+        """Parse the data set in `dataset` from offset `start`."""
         try:
-            if len(dataset) > self.settings.max_instance_bytes:
-                raise InvalidInstance(f"instance of {len(dataset)} bytes exceeds the limit of "
+            if len(dataset) - start > self.settings.max_instance_bytes:
+                raise InvalidInstance(f"instance of {len(dataset) - start} bytes exceeds the limit of "
                                       f"{self.settings.max_instance_bytes}", status=0xA700, code="too-large")
             return parse_instance(dataset, ts, affected_sop_class_uid=sop_class,
-                                  affected_sop_instance_uid=sop_instance)
+                                  affected_sop_instance_uid=sop_instance, start=start)
         except InvalidInstance as exc:
             self.metrics.ingest_failures.labels(exc.code).inc()
             raise

@@ -252,10 +252,11 @@ class _Walker:
         return pos
 
 
-def check_structure(data: bytes, ts: UID) -> Structure:
-    """Prove the data set is complete and well nested; say how it is encoded and where its pixel data is."""
+def check_structure(data: bytes, ts: UID, start: int = 0) -> Structure:
+    """Prove the data set (from offset `start`) is complete and well nested; say how it is encoded and where
+    its pixel data is."""
     walker = _Walker(data, ts)
-    walker.elements(0, len(data), explicit=walker.explicit, top=True)
+    walker.elements(start, len(data), explicit=walker.explicit, top=True)
     return Structure(implicit_vr=not walker.explicit, pixel_data=walker.pixel_data)
 
 
@@ -285,13 +286,18 @@ def parse_bulk_path(text: str) -> tuple[int, ...] | None:
 
 
 def parse_instance(data: bytes, transfer_syntax_uid: str, *, affected_sop_class_uid: str | None = None,
-                   affected_sop_instance_uid: str | None = None) -> ParsedInstance:
-    """Validate one data set and extract its index attributes (PS3.4 B.2.3 statuses on refusal)."""
+                   affected_sop_instance_uid: str | None = None, start: int = 0) -> ParsedInstance:
+    """Validate one data set (from offset `start` of `data`: a PS3.10 file is parsed where it lies, not
+    copied) and extract its index attributes (PS3.4 B.2.3 statuses on refusal)."""
     ts = _transfer_syntax(transfer_syntax_uid)
-    buf = inflate(data, ts)
-    structure = check_structure(buf, ts)
+    if ts.is_deflated:
+        buf, start = inflate(data[start:], ts), 0
+    else:
+        buf = data
+    structure = check_structure(buf, ts, start)
     metadata = to_dicom_json(buf, implicit_vr=structure.implicit_vr, little_endian=ts.is_little_endian,
-                             bulk_data_threshold=BULK_DATA_THRESHOLD, nested_bulk_uri=nested_bulk_path)
+                             bulk_data_threshold=BULK_DATA_THRESHOLD, nested_bulk_uri=nested_bulk_path,
+                             start=start)
     pixel_data = structure.pixel_data
     if pixel_data is not None:
         # PS3.18 F.2.6: pixel data is bulk data; WADO-RS metadata points at it

@@ -14,12 +14,14 @@ import asyncio
 import logging
 import signal
 import sys
+from collections.abc import Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pydicom.config
 
-from archive.config import Settings, StorageBackend, validate_ae_title
+from archive.config import EventLoop, Settings, StorageBackend, validate_ae_title
 from archive.errors import ConfigError, VnaError
 from archive.index import ApplicationEntity
 from archive.moves import Mover
@@ -28,6 +30,8 @@ from archive.policy_check import check_against_cluster, check_offline
 from archive.stores import open_stores
 from metrics.registry import Metrics
 from gateway.runtime import Runtime, open_index
+
+T = TypeVar("T")
 
 log = logging.getLogger("vna")
 
@@ -155,6 +159,20 @@ async def _migrate(settings: Settings) -> None:
         print("database is up to date")
 
 
+def _run(settings: Settings, main: Coroutine[Any, Any, T]) -> T:
+    """Run `main` on the configured event loop (`event_loop`: uvloop by default), with `io_threads` threads
+    for blocking calls."""
+    factory = None
+    if settings.event_loop is EventLoop.uvloop:
+        import uvloop
+        factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        # the Runner shuts this executor down when it closes, as it would the default one
+        runner.get_loop().set_default_executor(
+            ThreadPoolExecutor(max_workers=settings.io_threads, thread_name_prefix="vna-io"))
+        return runner.run(main)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -168,13 +186,13 @@ def main(argv: list[str] | None = None) -> int:
     pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
     try:
         if args.command == "serve":
-            asyncio.run(_serve(settings))
+            _run(settings, _serve(settings))
         elif args.command == "migrate":
-            asyncio.run(_migrate(settings))
+            _run(settings, _migrate(settings))
         elif args.command == "policy":
-            return asyncio.run(_policy(settings, args))
+            return _run(settings, _policy(settings, args))
         else:
-            asyncio.run(_ae(settings, args))
+            _run(settings, _ae(settings, args))
     except ConfigError as exc:
         print(f"vna: {exc}", file=sys.stderr)
         return 2

@@ -153,8 +153,9 @@ class Runtime:
         tmp = s.data_dir / "ports.json.tmp"
         tmp.write_text(json.dumps({"dicom": dicom_port, "http": http_port}))
         os.replace(tmp, s.data_dir / "ports.json")
-        log.info("vna %s listening: DICOM port %d, HTTP port %d, data in %s", s.ae_title, dicom_port, http_port,
-                 s.data_dir)
+        loop = type(asyncio.get_running_loop())
+        log.info("vna %s listening: DICOM port %d, HTTP port %d, data in %s, event loop %s.%s", s.ae_title,
+                 dicom_port, http_port, s.data_dir, loop.__module__, loop.__qualname__)
         self.ready = True
 
     async def reload_policy(self) -> bool:

@@ -140,6 +140,7 @@ async def test_sigterm_drains_the_open_association_then_exits_0(tmp_path: Path, 
         assert await vna.wait(10) == 0, vna.log()
         assert time.monotonic() - sender.released_at < 5
     assert "draining" in vna.log()
+    assert "event loop uvloop.Loop" in vna.log()  # the default (`event_loop`)
 
     conn = await asyncpg.connect(database_url)
     try:
@@ -150,7 +151,10 @@ async def test_sigterm_drains_the_open_association_then_exits_0(tmp_path: Path, 
 
 
 async def test_drain_is_bounded_by_drain_timeout(tmp_path: Path, database_url: str) -> None:
-    async with vna_process(tmp_path / "vna", database_url, env={"VNA__HTTP__DRAIN_TIMEOUT": "1"}) as vna:
+    # on the standard library's loop (VNA__EVENT_LOOP=asyncio) as on uvloop
+    async with vna_process(tmp_path / "vna", database_url,
+                           env={"VNA__HTTP__DRAIN_TIMEOUT": "1", "VNA__EVENT_LOOP": "asyncio"}) as vna:
+        assert "event loop asyncio.unix_events._UnixSelectorEventLoop" in vna.log()
         reader, writer = await raw_associated(vna.dicom_port, calling_ae="IDLE")  # never sends anything
         vna.signal(signal.SIGTERM)
         started = time.monotonic()

@@ -54,3 +54,26 @@ def test_truncated_or_foreign_input_goes_to_pydicom(cut: int) -> None:
         split_part10(meta[:cut])
     with pytest.raises(InvalidInstance):
         split_part10(b"not dicom at all" * 20)
+
+
+def test_parsing_in_place_equals_parsing_a_copy_of_the_data_set() -> None:
+    """parse_instance(file, start=offset) reads the data set where it lies in the PS3.10 file; the result is
+    the same as for a copy of the data set alone, refusals included."""
+    from archive.instance import parse_instance
+
+    compared = 0
+    for path in _corpus():
+        data = path.read_bytes()
+        try:
+            ts, offset = split_part10(data)
+        except InvalidInstance:
+            continue
+        outcomes = []
+        for buf, start in ((data[offset:], 0), (data, offset)):
+            try:
+                outcomes.append(parse_instance(buf, ts, start=start))
+            except InvalidInstance as exc:
+                outcomes.append((exc.status, exc.code))
+        assert outcomes[0] == outcomes[1], path.name
+        compared += 1
+    assert compared > 200

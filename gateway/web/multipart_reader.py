@@ -94,6 +94,7 @@ class BodyParser:
         # the first delimiter may open the body without a CRLF before it: pretend there was one
         self._buf: bytes = b"\r\n"
         self._off = 0
+        self._scanned = 0  # where the next delimiter search in _buf may start (what precedes was searched)
         self._state = _PREAMBLE
         self.parts = 0
 
@@ -108,7 +109,11 @@ class BodyParser:
         if self._state == _BODY and self._body_without_delimiter(data, events):
             return events
         rest = len(self._buf) - self._off
-        self._buf = (self._buf[self._off:] + bytes(data)) if rest else bytes(data)
+        if rest:
+            self._buf = self._buf[self._off:] + bytes(data)
+            self._scanned = 0  # a delimiter may begin in the rest: search it all
+        else:
+            self._buf = bytes(data)
         self._off = 0
         while self._step(events):
             pass
@@ -119,23 +124,31 @@ class BodyParser:
         content, handed out without being copied; False to take the general path."""
         d = self._delimiter
         rest = self._buf[self._off:]
-        if len(rest) >= len(d) or len(data) < len(d) or d in data:
+        if len(rest) >= len(d) or len(data) < len(d):
+            return False
+        at = data.find(d)
+        if at >= 0:
+            self._scanned = at  # no delimiter lies wholly inside data before `at`: the general path starts there
             return False
         if rest and d in rest + data[:len(d) - 1]:
             return False  # a delimiter that begins in what was kept from the previous chunk
-        # keep the longest end of the chunk that could begin a delimiter completed by the next chunk
-        keep = 0
-        pos = data.rfind(b"\r", len(data) - len(d) + 1)
-        while pos >= 0:
-            if d.startswith(data[pos:]):
-                keep = len(data) - pos
-                break
-            pos = data.rfind(b"\r", len(data) - len(d) + 1, pos)
+        keep = self._partial_delimiter(data)
         if rest:
             events.append(PartData(self.parts, rest))
         events.append(PartData(self.parts, memoryview(data)[:len(data) - keep] if keep else data))
         self._buf, self._off = (bytes(data[len(data) - keep:]) if keep else b""), 0
         return True
+
+    def _partial_delimiter(self, buf: bytes, start: int = 0) -> int:
+        """The length of the longest end of buf[start:] that could begin a delimiter (0 almost always)."""
+        d = self._delimiter
+        lo = max(start, len(buf) - len(d) + 1)
+        pos = buf.rfind(b"\r", lo)
+        while pos >= 0:
+            if d.startswith(buf[pos:]):
+                return len(buf) - pos
+            pos = buf.rfind(b"\r", lo, pos)
+        return 0
 
     def close(self) -> list[Event]:
         """The body has ended: raise MultipartError unless the close-delimiter was seen."""
@@ -180,12 +193,12 @@ class BodyParser:
 
     def _find_delimiter(self, events: list[Event], number: int | None) -> tuple[str, int] | None:
         """Scan for the next delimiter, emitting (or, in the preamble, dropping) what precedes it."""
-        start = self._off
+        start, self._scanned = max(self._off, self._scanned), 0
         while True:
             at = self._buf.find(self._delimiter, start)
             if at < 0:
-                keep = len(self._delimiter) - 1
-                self._release(max(self._off, len(self._buf) - keep), events, number)
+                keep = self._partial_delimiter(self._buf, self._off)
+                self._release(len(self._buf) - keep, events, number)
                 return None
             end = self._delimiter_end(at)
             if end is None:
