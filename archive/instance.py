@@ -6,6 +6,7 @@ them lazily to extract the attributes the index stores.
 
 from __future__ import annotations
 
+import functools
 import re
 import struct
 import zlib
@@ -285,6 +286,19 @@ def parse_bulk_path(text: str) -> tuple[int, ...] | None:
     return tuple(out)
 
 
+_COLUMNS = tuple((k.column, k.match, k.hex) for k in INDEXED_KEYS)
+
+
+@functools.lru_cache(maxsize=8192)
+def _levels_of(tag_hex: str) -> tuple[Level, ...]:
+    """The levels whose attributes (the index's per-level JSON) include this top-level element."""
+    tag = int(tag_hex, 16)
+    levels = [lvl for lvl in (Level.STUDY, Level.SERIES, Level.IMAGE) if tag in LEVEL_TAGS[lvl]]
+    if (tag >> 16 == 0x0010 and tag not in LEVEL_TAGS[Level.STUDY]) or tag == 0x00080005:
+        levels.append(Level.PATIENT)
+    return tuple(levels)
+
+
 def parse_instance(data: bytes, transfer_syntax_uid: str, *, affected_sop_class_uid: str | None = None,
                    affected_sop_instance_uid: str | None = None, start: int = 0) -> ParsedInstance:
     """Validate one data set (from offset `start` of `data`: a PS3.10 file is parsed where it lies, not
@@ -328,16 +342,10 @@ def parse_instance(data: bytes, transfer_syntax_uid: str, *, affected_sop_class_
 
     level_attrs: dict[Level, dict[str, Any]] = {lvl: {} for lvl in Level}
     for tag_hex, elem in metadata.items():
-        tag = int(tag_hex, 16)
-        for lvl in (Level.STUDY, Level.SERIES, Level.IMAGE):
-            if tag in LEVEL_TAGS[lvl]:
-                level_attrs[lvl][tag_hex] = elem
-        if tag >> 16 == 0x0010 and tag not in LEVEL_TAGS[Level.STUDY]:
-            level_attrs[Level.PATIENT][tag_hex] = elem
-        elif tag == 0x00080005:
-            level_attrs[Level.PATIENT][tag_hex] = elem
+        for lvl in _levels_of(tag_hex):
+            level_attrs[lvl][tag_hex] = elem
 
-    columns = {k.column: _column_value(k.match, _first(metadata, k.hex)) for k in INDEXED_KEYS}
+    columns = {column: _column_value(match, _first(metadata, tag_hex)) for column, match, tag_hex in _COLUMNS}
     columns["patient_id"] = columns["patient_id"] or ""
     columns["issuer_of_patient_id"] = columns["issuer_of_patient_id"] or ""
     return ParsedInstance(

@@ -7,7 +7,9 @@ series metadata figure. Clients, the same for both peers:
 
 * STOW-RS: a small aiohttp client, 4 concurrent clients each POSTing ``--stow-batch`` instances per
   request (multipart/related; type="application/dicom") until the 2000 are stored, on a fresh, empty
-  archive; median of the runs, the peers taking turns run by run.
+  archive; median of the runs, the peers taking turns run by run. The request bodies are built before
+  the clock starts (files read and framed once), so that the client spends its share of the 2 CPUs on
+  sending, not on reading files, as a load generator on another machine would.
 * k6 (bench/k6/*.js) on one more archive per peer loaded with all 2500 instances (by STOW, untimed;
   every answer checked once in Python before timing): QIDO ``/studies`` at 10 and 50 virtual users,
   ``/studies?PatientID=`` at 10, WADO-RS instance, instance metadata, frames/1 and rendered at 25,
@@ -177,35 +179,41 @@ class StowError(RuntimeError):
     pass
 
 
-async def _stow_batch(session: aiohttp.ClientSession, url: str, files: list[str]) -> None:
+def _stow_body(files: list[str]) -> tuple[str, bytes]:
+    """(boundary, body) of one STOW-RS request holding ``files``."""
     boundary = uuid.uuid4().hex
     parts = []
     for f in files:
         parts += [b"--", boundary.encode(), b"\r\nContent-Type: application/dicom\r\n\r\n",
                   Path(f).read_bytes(), b"\r\n"]
     parts += [b"--", boundary.encode(), b"--\r\n"]
+    return boundary, b"".join(parts)
+
+
+async def _stow_batch(session: aiohttp.ClientSession, url: str, request: tuple[str, bytes], count: int) -> None:
+    boundary, body = request
     headers = {"Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
                "Accept": "application/dicom+json"}
-    async with session.post(url, data=b"".join(parts), headers=headers) as r:
-        body = await r.read()
+    async with session.post(url, data=body, headers=headers) as r:
+        answer_body = await r.read()
         if r.status != 200:
-            raise StowError(f"STOW {r.status} {r.reason}: {body[:300]!r}")
-    answer = json.loads(body)
+            raise StowError(f"STOW {r.status} {r.reason}: {answer_body[:300]!r}")
+    answer = json.loads(answer_body)
     stored = len(answer.get("00081199", {}).get("Value", []))
     failed = answer.get("00081198", {}).get("Value", [])
-    if stored != len(files) or failed:
-        raise StowError(f"STOW stored {stored} of {len(files)}, failed: {failed[:2]}")
+    if stored != count or failed:
+        raise StowError(f"STOW stored {stored} of {count}, failed: {failed[:2]}")
 
 
 async def _stow(url: str, files: list[str], clients: int, batch: int) -> float:
     batches = [files[i:i + batch] for i in range(0, len(files), batch)]
-    queue: asyncio.Queue[list[str]] = asyncio.Queue()
-    for b in batches:
-        queue.put_nowait(b)
+    queue: asyncio.Queue[tuple[tuple[str, bytes], int]] = asyncio.Queue()
+    for b in batches:  # untimed: the bodies are ready before the clock starts
+        queue.put_nowait((_stow_body(b), len(b)))
 
     async def client(session: aiohttp.ClientSession) -> None:
         while not queue.empty():
-            await _stow_batch(session, url, queue.get_nowait())
+            await _stow_batch(session, url, *queue.get_nowait())
 
     timeout = aiohttp.ClientTimeout(total=600)
     async with aiohttp.ClientSession(timeout=timeout, trust_env=False) as session:
