@@ -2,7 +2,9 @@
 
 The interface is shaped for Ceph RADOS as much as for a filesystem: `put` is given a key and returns
 a `StoredObject` whose `location` is opaque to everyone but the store; reads take that location.
-Writes are atomic: an object is either complete under its final name or absent.
+Once `put` returns, the object is durable. A put cut short (a crash, a failed write) may leave an
+incomplete object, but only under its own new key, which no index row names: readers reach objects
+through the index alone, and the orphan sweeper removes such leftovers.
 """
 
 from __future__ import annotations
@@ -111,7 +113,7 @@ class FileSystemStore:
         except FileExistsError:
             return self._replace_sync(final, key, parts, digest)
         try:
-            written = self._write_sync(fd, parts, digest)
+            size, actual = self._write_sync(fd, parts, digest)
         except BaseException:
             os.close(fd)
             final.unlink(missing_ok=True)
@@ -119,7 +121,7 @@ class FileSystemStore:
         os.close(fd)
         if self._fsync and not self._new_entry_synced:
             _fsync_dir(final.parent)
-        return StoredObject(location=key, size=written[0], digest=written[1])
+        return StoredObject(location=key, size=size, digest=actual)
 
     def _replace_sync(self, final: Path, key: str, parts: Sequence[bytes], digest: str | None) -> StoredObject:
         """Put over an existing name: a temporary file renamed over it, so the old object stays whole until
@@ -150,7 +152,7 @@ class FileSystemStore:
                 view = view[n:]
             size += len(p)
         if self._fsync:
-            os.fdatasync(fd)  # the data and the size; a new file's name is made durable by _fsync_dir
+            os.fdatasync(fd)  # the data and the size (and, on ext4/XFS/btrfs, a new file's name)
         return size, digest or "sha256:" + h.hexdigest()  # type: ignore[union-attr]
 
     def _make_dirs(self, directory: Path) -> None:
