@@ -112,13 +112,7 @@ class FileSystemStore:
                 fd = os.open(final, _CREATE, 0o644)
         except FileExistsError:
             return self._replace_sync(final, key, parts, digest)
-        try:
-            size, actual = self._write_sync(fd, parts, digest)
-        except BaseException:
-            os.close(fd)
-            final.unlink(missing_ok=True)
-            raise
-        os.close(fd)
+        size, actual = self._write_sync(fd, final, parts, digest)
         if self._fsync and not self._new_entry_synced:
             _fsync_dir(final.parent)
         return StoredObject(location=key, size=size, digest=actual)
@@ -127,32 +121,33 @@ class FileSystemStore:
         """Put over an existing name: a temporary file renamed over it, so the old object stays whole until
         the new one is complete."""
         tmp = final.with_name(f"{final.name}.tmp-{os.urandom(6).hex()}")
-        fd = os.open(tmp, _CREATE, 0o644)
-        try:
-            size, actual = self._write_sync(fd, parts, digest)
-        except BaseException:
-            os.close(fd)
-            tmp.unlink(missing_ok=True)
-            raise
-        os.close(fd)
+        size, actual = self._write_sync(os.open(tmp, _CREATE, 0o644), tmp, parts, digest)
         os.rename(tmp, final)
         if self._fsync:
             _fsync_dir(final.parent)
         return StoredObject(location=key, size=size, digest=actual)
 
-    def _write_sync(self, fd: int, parts: Sequence[bytes], digest: str | None) -> tuple[int, str]:
+    def _write_sync(self, fd: int, path: Path, parts: Sequence[bytes], digest: str | None) -> tuple[int, str]:
+        """Write `parts` to the new file `path` open as `fd`, sync and close it: (size, digest). On failure
+        the file is closed and removed."""
         h = hashlib.sha256() if digest is None else None
         size = 0
-        for p in parts:
-            if h is not None:
-                h.update(p)
-            view = memoryview(p)
-            while view:
-                n = os.write(fd, view)
-                view = view[n:]
-            size += len(p)
-        if self._fsync:
-            os.fdatasync(fd)  # the data and the size (and, on ext4/XFS/btrfs, a new file's name)
+        try:
+            for p in parts:
+                if h is not None:
+                    h.update(p)
+                view = memoryview(p)
+                while view:
+                    n = os.write(fd, view)
+                    view = view[n:]
+                size += len(p)
+            if self._fsync:
+                os.fdatasync(fd)  # the data and the size (and, on ext4/XFS/btrfs, a new file's name)
+        except BaseException:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            raise
+        os.close(fd)
         return size, digest or "sha256:" + h.hexdigest()  # type: ignore[union-attr]
 
     def _make_dirs(self, directory: Path) -> None:
