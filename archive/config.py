@@ -165,7 +165,7 @@ class StorageSettings(_Section):
 
 
 class EventLoop(str, Enum):
-    uvloop = "uvloop"    # libuv's loop: sockets, timers and callbacks in C (the STOW-RS and WADO-RS hot paths)
+    uvloop = "uvloop"    # libuv's loop: sockets, timers and callbacks in C (WADO-RS +26 %, docs/performance.md)
     asyncio = "asyncio"  # the standard library's selector loop
 
 
