@@ -23,8 +23,9 @@ import pytest
 
 from archive.attributes import Level
 from archive.index import Index
+from archive.jsontext import ascii_json
 from gateway.runtime import Runtime, open_index
-from gateway.web.qido import ascii_json, build_search
+from gateway.web.qido import build_search
 from tests import test_cfind
 from tests.test_corpus import GROUPS
 from tests.test_qido_cfind_parity import PARITY_CASES, qido_request, url_of

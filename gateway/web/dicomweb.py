@@ -7,13 +7,13 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from archive import jsontext
 from archive.attributes import Level
 from archive.config import DicomwebSettings
 from archive.errors import RemoteError
+from archive.jsontext import ascii_json, dumps_bytes
 from archive.services import ArchiveServices
 from gateway.web.media import parse_accept
-from gateway.web.qido import QidoError, ascii_json, build_search
+from gateway.web.qido import QidoError, build_search
 
 SERVICES_KEY = web.AppKey("services", ArchiveServices)
 SETTINGS_KEY = web.AppKey("dicomweb_settings", DicomwebSettings)
@@ -58,7 +58,7 @@ def _host_with_port(request: web.Request) -> str:
 
 
 def json_response(payload: Any, *, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(body=jsontext.dumps_bytes(payload), content_type=_DICOM_JSON,
+    return web.Response(body=dumps_bytes(payload), content_type=_DICOM_JSON,
                         headers=headers)
 
 

@@ -13,13 +13,13 @@ Decisions:
 from __future__ import annotations
 
 import functools
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 
 from archive.attributes import Level, level_of
+from archive.jsontext import ascii_json
 from archive.query import Query, QueryKey
 
 MAX_LIMIT = 10_000
@@ -45,25 +45,6 @@ _CONTROL = {"limit", "offset", "fuzzymatching", "includefield", "emptyvalue", "o
 class Search:
     query: Query
     warnings: tuple[str, ...]
-
-
-_NON_ASCII = re.compile(r"[^\x00-\x7f]")
-
-
-def _escape(match: re.Match[str]) -> str:
-    code = ord(match.group())
-    if code < 0x10000:
-        return f"\\u{code:04x}"
-    code -= 0x10000
-    return f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}"  # a UTF-16 surrogate pair
-
-
-def ascii_json(text: str) -> str:
-    """JSON text with every non-ASCII character as a \\u escape (RFC 8259 7), as json.dumps writes it.
-
-    The answer stays ASCII whatever the names in it, so no client has to guess an encoding that the
-    Content-Type (without charset) does not name. Outside strings JSON is ASCII, so this is safe."""
-    return text if text.isascii() else _NON_ASCII.sub(_escape, text)
 
 
 @functools.lru_cache(maxsize=4096)
