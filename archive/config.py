@@ -81,9 +81,11 @@ class DicomwebSettings(_Section):
     max_stow_bytes: int = Field(4 * 2**30, ge=1024)
     # STOW-RS parts larger than this are written to a temporary file while they arrive
     stow_spill_bytes: int = Field(8 * 2**20, ge=1024)
-    # parts of one STOW-RS request stored at once (each held whole in memory while it is stored): the
-    # writes' fsync and the index round trip of one part overlap those of the next ones
-    stow_parallel_parts: int = Field(4, ge=1, le=64)
+    # parts of one STOW-RS request stored at once, each held whole in memory while it is stored, together
+    # at most stow_parallel_bytes (a larger part is stored alone): the fsyncs of their objects overlap, and
+    # parts written meanwhile are indexed together (group commit, archive/index.py)
+    stow_parallel_parts: int = Field(16, ge=1, le=64)
+    stow_parallel_bytes: int = Field(64 * 2**20, ge=1024)
     allow_delete: bool = True
 
     @field_validator("root")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -54,6 +55,26 @@ def _translate(exc: Exception) -> DatabaseError:
     return DatabaseError(f"index: {exc}")
 
 
+@dataclass(slots=True)
+class _Queued:
+    """An instance waiting in `Index.submit_instance`'s queue."""
+
+    args: tuple[Any, ...]
+    future: asyncio.Future[StoreOutcome]
+    timeout: float
+
+
+def _settle(queued: _Queued, outcome: StoreOutcome | Exception) -> None:
+    if queued.future.done():  # the caller gave up waiting; what was indexed stays (its object is durable)
+        return
+    if isinstance(outcome, StoreOutcome):
+        queued.future.set_result(outcome)
+    else:
+        error = _translate(outcome)
+        error.__cause__ = outcome
+        queued.future.set_exception(error)
+
+
 _STORE_SQL = "SELECT outcome, old_store, old_location FROM vna_store_instance(" + ", ".join(
     f"${n}" for n in range(1, 43)) + ")"
 
@@ -61,13 +82,22 @@ _STORE_SQL = "SELECT outcome, old_store, old_location FROM vna_store_instance(" 
 class Index:
     """All reads and writes of the index go through here; every call takes a keyword-only timeout."""
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, *, batch_max: int = 64) -> None:
+        """`batch_max`: at most this many instances indexed in one transaction (`submit_instance`)."""
         self.pool = pool
+        self._batch_max = batch_max
+        self._queue: list[_Queued] = []
+        self._writer: asyncio.Task[None] | None = None
 
-    async def store_instance(self, parsed: ParsedInstance, obj: StoredObject, *, store: str, dataset_offset: int,
-                             source: str, policy: DuplicatePolicy, timeout: float,
-                             storage_class: str = "default") -> StoreOutcome:
-        """Index one instance whose object is already durable (one transaction, one round trip);
+    def submit_instance(self, parsed: ParsedInstance, obj: StoredObject, *, store: str, dataset_offset: int,
+                        source: str, policy: DuplicatePolicy, timeout: float,
+                        storage_class: str = "default") -> asyncio.Future[StoreOutcome]:
+        """Queue one instance whose object is already durable for indexing; the future is its outcome.
+
+        Instances queued while a transaction is in flight are indexed together in the next one (group
+        commit: one round trip and one WAL flush for all of them), in the order they were queued, so what
+        one caller queues in order is indexed in that order. Each instance is still all or nothing: a batch
+        that fails is retried one instance per transaction, so one bad row refuses only itself.
         `storage_class` is the class (archive/policy.py) whose pool `obj` was written to."""
         c = parsed.columns
         la = parsed.level_attrs
@@ -84,11 +114,63 @@ class Index:
             obj.size, obj.digest, dataset_offset, la[Level.IMAGE], jsontext.dumps(parsed.metadata), source,
             policy.value, storage_class,
         )
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[StoreOutcome] = loop.create_future()
+        self._queue.append(_Queued(args, future, timeout))
+        if self._writer is None:
+            self._writer = loop.create_task(self._write_queued())
+        return future
+
+    async def store_instance(self, parsed: ParsedInstance, obj: StoredObject, *, store: str, dataset_offset: int,
+                             source: str, policy: DuplicatePolicy, timeout: float,
+                             storage_class: str = "default") -> StoreOutcome:
+        """Index one instance whose object is already durable (`submit_instance`, awaited)."""
+        return await self.submit_instance(parsed, obj, store=store, dataset_offset=dataset_offset, source=source,
+                                          policy=policy, timeout=timeout, storage_class=storage_class)
+
+    async def _write_queued(self) -> None:
+        """Index what is queued, a transaction at a time, until nothing is; then end (the next
+        `submit_instance` starts another writer)."""
         try:
-            row = await self.pool.fetchrow(_STORE_SQL, *args, timeout=timeout)
+            while self._queue:
+                batch = [q for q in self._queue[:self._batch_max] if not q.future.cancelled()]
+                del self._queue[:self._batch_max]
+                if not batch:
+                    continue
+                try:
+                    await self._write_batch(batch)
+                except BaseException as exc:
+                    for q in batch:
+                        if not q.future.done():
+                            q.future.set_exception(DatabaseError(f"index: the index writer failed: {exc!r}"))
+                    raise
+        finally:
+            self._writer = None
+            for q in self._queue:  # only when this task itself was cancelled (the loop is closing)
+                if not q.future.done():
+                    q.future.set_exception(DatabaseError("index: the index writer stopped"))
+            self._queue.clear()
+
+    async def _write_batch(self, batch: list[_Queued]) -> None:
+        timeout = min(q.timeout for q in batch)
+        try:
+            if len(batch) == 1:
+                rows = [await self.pool.fetchrow(_STORE_SQL, *batch[0].args, timeout=timeout)]
+            else:
+                # one implicit transaction, pipelined: all rows or none (asyncpg executemany semantics)
+                async with self.pool.acquire(timeout=timeout) as conn:
+                    rows = await conn.fetchmany(_STORE_SQL, [q.args for q in batch], timeout=timeout)
         except _DB_ERRORS as exc:
-            raise _translate(exc) from exc
-        return StoreOutcome(row["outcome"], row["old_store"], row["old_location"])
+            if len(batch) == 1:
+                _settle(batch[0], exc)
+                return
+            # a deadlock with another replica's batch, one unacceptable row, a lost connection: each on its own
+            for q in batch:
+                if not q.future.cancelled():
+                    await self._write_batch([q])
+            return
+        for q, row in zip(batch, rows, strict=True):
+            _settle(q, StoreOutcome(row["outcome"], row["old_store"], row["old_location"]))
 
     async def find(self, query: Query, *, timeout: float) -> list[dict[str, Any]]:
         """DICOM JSON of every entity matching `query`, in a stable order."""

@@ -63,13 +63,15 @@ class Ingestor:
 
     async def ingest_part10(self, data: bytes, *, protocol: str, source: str, calling_ae: str | None = None,
                             admit: Callable[[ParsedInstance], None] | None = None,
-                            before_index: Callable[[], Awaitable[object]] | None = None) -> IngestResult:
+                            before_index: Callable[[], Awaitable[object]] | None = None,
+                            queued: Callable[[], None] | None = None) -> IngestResult:
         """Store a PS3.10 file (STOW-RS) exactly as received, File Meta Information included.
         `calling_ae`: the sender's AE title when it has one (storage policies may match on it).
         `admit`: the caller's own checks of the parsed instance (e.g. STOW-RS's target study), run before
         anything is written; InvalidInstance from it refuses the instance like a failed parse.
-        `before_index`: awaited between writing the object and indexing it (STOW-RS writes several parts at
-        once but indexes them in the order of the body)."""
+        `before_index`: awaited between writing the object and queueing it for indexing; `queued`: called once it
+        is queued. The index keeps the order of its queue (`Index.submit_instance`), so STOW-RS writes several
+        parts at once, queues each after the one before it and has them indexed in the order of the body."""
         try:
             ts, offset = split_part10(data)
         except InvalidInstance as exc:
@@ -83,7 +85,7 @@ class Ingestor:
                 self.metrics.ingest_failures.labels(exc.code).inc()
                 raise
         return await self._commit(parsed, [data], offset, protocol=protocol, source=source, calling_ae=calling_ae,
-                                  before_index=before_index)
+                                  before_index=before_index, queued=queued)
 
     def _parse(self, dataset: bytes, ts: str, sop_class: str | None, sop_instance: str | None, *,
                start: int = 0) -> ParsedInstance:
@@ -100,7 +102,8 @@ class Ingestor:
 
     async def _commit(self, parsed: ParsedInstance, parts: list[bytes], dataset_offset: int, *,
                       protocol: str, source: str, calling_ae: str | None,
-                      before_index: Callable[[], Awaitable[object]] | None = None) -> IngestResult:
+                      before_index: Callable[[], Awaitable[object]] | None = None,
+                      queued: Callable[[], None] | None = None) -> IngestResult:
         started = time.perf_counter()
         try:
             # the storage policy's rules choose the class, hence the store and pool (archive/policy.py)
@@ -111,10 +114,13 @@ class Ingestor:
             obj = await placement.put(key, parts, timeout=self._store_timeout)
             if before_index is not None:
                 await before_index()  # a failure or cancellation here leaves an orphan for the sweeper
-            result = await self.index.store_instance(
+            indexed = self.index.submit_instance(
                 parsed, obj, store=placement.store_name, dataset_offset=dataset_offset, source=source,
                 policy=self.settings.duplicate_policy, timeout=self._db_timeout,
                 storage_class=placement.storage_class)
+            if queued is not None:
+                queued()
+            result = await indexed
         except VnaError as exc:
             self.metrics.ingest_failures.labels(type(exc).__name__).inc()
             raise

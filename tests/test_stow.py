@@ -31,6 +31,7 @@ from archive.index import Index
 from archive.query import Query, QueryKey
 from gateway.runtime import Runtime
 from gateway.web.multipart_reader import BodyParser, MultipartError, PartData, PartEnd, PartStart
+from gateway.web.stow import PartBudget
 from tests.conftest import BOTH_BACKENDS, DCMTK, run_tool
 from tests.stored_objects import StoredObjects
 
@@ -612,3 +613,36 @@ async def test_parts_stored_at_once_are_answered_in_body_order(vna: Runtime, htt
                              timeout=10)
     # indexed in the order of the body though written at once (the first part, the largest, finished last)
     assert [r["00080018"]["Value"][0] for r in found] == list(dict.fromkeys(expected))
+
+
+async def test_part_budget_bounds_parts_and_bytes_and_lets_a_large_part_through_alone() -> None:
+    """dicomweb.stow_parallel_parts / stow_parallel_bytes: how many parts of one request are held at once."""
+    budget = PartBudget(parts=3, nbytes=100)
+
+    async def admitted(size: int) -> bool:
+        task = asyncio.ensure_future(budget.acquire(size))
+        await asyncio.sleep(0)
+        if task.done():
+            return True
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return False
+
+    assert await admitted(40) and await admitted(40)
+    assert not await admitted(30)           # 110 bytes would exceed the budget
+    assert await admitted(20)               # 100 fits
+    assert not await admitted(1)            # a fourth part exceeds the part count
+    waiting = asyncio.ensure_future(budget.acquire(50))
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    budget.release(40)
+    await asyncio.sleep(0)
+    assert not waiting.done()               # 60 + 50 is still too much
+    budget.release(40)
+    await asyncio.sleep(0)
+    assert waiting.done() and (budget.parts, budget.bytes) == (2, 70)
+    budget.release(20)
+    budget.release(50)
+    assert await admitted(10_000)           # larger than the whole budget: stored alone
+    assert not await admitted(1)

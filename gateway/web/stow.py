@@ -3,8 +3,9 @@
 The body is streamed (gateway/web/multipart_reader.py): each part is collected as it arrives, in
 memory up to `stow_spill_bytes` and in an anonymous temporary file beyond, and goes through the one
 ingest path (`Ingestor.ingest_part10`) as soon as it is complete, while the next parts are received
-and stored: up to `stow_parallel_parts` parts of a request are stored at once (each held whole in memory
-meanwhile), so one part's fsync and index round trip overlap the next ones'. The whole body is never
+and stored: up to `stow_parallel_parts` parts of a request, `stow_parallel_bytes` of them, are stored at
+once (each held whole in memory meanwhile), so their fsyncs overlap, and the parts written meanwhile share
+one index transaction (archive/index.py `submit_instance`). The whole body is never
 held in memory; more than `max_stow_bytes` of it is refused with 413. The response lists the parts in
 the order of the body.
 
@@ -170,6 +171,36 @@ def _quoted(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+class PartBudget:
+    """How many parts of one request, and how many of their bytes, are being stored at once. A part that does
+    not fit waits until enough are done; a part larger than the whole budget is stored alone."""
+
+    def __init__(self, parts: int, nbytes: int) -> None:
+        self._max_parts, self._max_bytes = parts, nbytes
+        self.parts = 0
+        self.bytes = 0
+        self._waiter: asyncio.Future[None] | None = None  # the request's body is read by one task
+
+    def _fits(self, size: int) -> bool:
+        return self.parts == 0 or (self.parts < self._max_parts and self.bytes + size <= self._max_bytes)
+
+    async def acquire(self, size: int) -> None:
+        while not self._fits(size):
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        self.parts += 1
+        self.bytes += size
+
+    def release(self, size: int) -> None:
+        self.parts -= 1
+        self.bytes -= size
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+
 class StoreTransaction:
     """The outcome of one STOW-RS request, part by part."""
 
@@ -180,34 +211,37 @@ class StoreTransaction:
         self.stored: list[Stored] = []
         self.failed: list[Failed] = []
         self._running: set[asyncio.Task[None]] = set()
-        self._slots = asyncio.Semaphore(request.app[SETTINGS_KEY].stow_parallel_parts)
-        # set once the latest submitted part is indexed or has failed: the next part indexes after it
-        self._last_indexed: asyncio.Event | None = None
+        settings = request.app[SETTINGS_KEY]
+        self._budget = PartBudget(settings.stow_parallel_parts, settings.stow_parallel_bytes)
+        # set once the latest submitted part is queued for indexing or has failed: the next part queues after it
+        self._last_queued: asyncio.Event | None = None
         self._cancelled = False
 
     async def submit(self, part: int, buffer: PartBuffer) -> None:
-        """Store one complete part; it runs while the next parts are received. At most
-        `stow_parallel_parts` at once: a part is read into memory only when a slot is free."""
-        await self._slots.acquire()
+        """Store one complete part; it runs while the next parts are received. At most `stow_parallel_parts`
+        parts and `stow_parallel_bytes` at once: a part is read into memory only when it fits."""
+        size = buffer.size
+        await self._budget.acquire(size)
         try:
             data = await buffer.read()
         except BaseException:
-            self._slots.release()
+            self._budget.release(size)
             raise
-        previous, done = self._last_indexed, asyncio.Event()
-        self._last_indexed = done
-        task = asyncio.create_task(self._store_in_slot(part, data, previous, done))
+        previous, done = self._last_queued, asyncio.Event()
+        self._last_queued = done
+        task = asyncio.create_task(self._store_in_slot(part, data, size, previous, done))
         self._running.add(task)
         task.add_done_callback(self._running.discard)
 
-    async def _store_in_slot(self, part: int, data: bytes, previous: asyncio.Event | None,
+    async def _store_in_slot(self, part: int, data: bytes, size: int, previous: asyncio.Event | None,
                              done: asyncio.Event) -> None:
         try:
-            # objects are written at once, index rows in body order: a search lists them as they were sent
-            await self._store(part, data, previous.wait if previous is not None else None)
+            # objects are written at once, index rows queued in body order (the index keeps its queue's order):
+            # a search lists them as they were sent
+            await self._store(part, data, previous.wait if previous is not None else None, done.set)
         finally:
-            self._slots.release()
-            # this part is settled; the next one may index once every earlier part is settled too
+            self._budget.release(size)
+            # this part is settled; the next one may queue once every earlier part is queued or settled too
             if previous is None or previous.is_set() or self._cancelled:
                 done.set()
             else:
@@ -244,11 +278,13 @@ class StoreTransaction:
             raise InvalidInstance(f"Study Instance UID {parsed.study_instance_uid} differs from the target study "
                                   f"{self.study}", status=DATA_SET_DOES_NOT_MATCH_SOP_CLASS, code="study-mismatch")
 
-    async def _store(self, part: int, data: bytes, before_index: Callable[[], Awaitable[object]] | None) -> None:
+    async def _store(self, part: int, data: bytes, before_index: Callable[[], Awaitable[object]] | None,
+                     queued: Callable[[], None]) -> None:
         # one parse, the ingest path's; the quick header read below only names a refused part
         try:
             result = await self.services.ingestor.ingest_part10(data, protocol="dicomweb", source="dicomweb",
-                                                                admit=self._admit, before_index=before_index)
+                                                                admit=self._admit, before_index=before_index,
+                                                                queued=queued)
         except InvalidInstance as exc:
             # exc.status is the PS3.4 C-STORE status: the same ranges as PS3.18 I.2.2 (A7xx, A9xx, Cxxx)
             failure = (exc.status, exc.reason, "dicom")
