@@ -196,6 +196,10 @@ class Settings(BaseSettings):
     # threads for blocking calls (file writes and their fsyncs, librados, pydicom): the event loop's default
     # executor. Most of their time is spent waiting on the device, so more than the CPUs.
     io_threads: int = Field(16, ge=1, le=256)
+    # processes serving connections (gateway/workers.py), each with its own event loop: one Python process
+    # uses about one core. 0: one per CPU this process may use (affinity and cgroup quota); 1: no workers,
+    # the serving process itself listens. Limits such as dicom.max_associations apply per worker.
+    workers: int = Field(0, ge=0, le=64)
     dicom: DicomSettings = DicomSettings()
     http: HttpSettings = HttpSettings()
     dicomweb: DicomwebSettings = DicomwebSettings()

@@ -11,18 +11,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import logging
 import signal
 import sys
-from collections.abc import Coroutine
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-import pydicom.config
-
-from archive.config import EventLoop, Settings, StorageBackend, validate_ae_title
+from archive.config import Settings, StorageBackend, validate_ae_title
 from archive.errors import ConfigError, VnaError
 from archive.index import ApplicationEntity
 from archive.moves import Mover
@@ -30,9 +25,9 @@ from archive.policy import Policy, load_policy
 from archive.policy_check import check_against_cluster, check_offline
 from archive.stores import open_stores
 from metrics.registry import Metrics
+from gateway.process import configure_process, run_loop, settle_gc
 from gateway.runtime import Runtime, open_index
-
-T = TypeVar("T")
+from gateway.workers import serve_with_workers, worker_count
 
 log = logging.getLogger("vna")
 
@@ -93,22 +88,10 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def _settle_gc() -> None:
-    """After start-up: the objects alive now (modules, pydicom's data dictionary, the app) live as long as the
-    process, so the cyclic collector stops traversing them (`gc.freeze`), and it runs less often, since each
-    ingested instance allocates thousands of short-lived containers that reference counting frees anyway."""
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(_GC_THRESHOLD_0, *gc.get_threshold()[1:])
-
-
-_GC_THRESHOLD_0 = 20_000  # allocations between young-generation collections (CPython's default is 700)
-
-
 async def _serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     async with Runtime(settings) as runtime:
-        _settle_gc()
+        settle_gc()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, runtime.request_stop)
         loop.add_signal_handler(signal.SIGHUP, runtime.request_policy_reload)
@@ -173,20 +156,6 @@ async def _migrate(settings: Settings) -> None:
         print("database is up to date")
 
 
-def _run(settings: Settings, main: Coroutine[Any, Any, T]) -> T:
-    """Run `main` on the configured event loop (`event_loop`: uvloop by default), with `io_threads` threads
-    for blocking calls."""
-    factory = None
-    if settings.event_loop is EventLoop.uvloop:
-        import uvloop
-        factory = uvloop.new_event_loop
-    with asyncio.Runner(loop_factory=factory) as runner:
-        # the Runner shuts this executor down when it closes, as it would the default one
-        runner.get_loop().set_default_executor(
-            ThreadPoolExecutor(max_workers=settings.io_threads, thread_name_prefix="vna-io"))
-        return runner.run(main)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -194,19 +163,17 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"vna: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # We store what we receive and never re-validate values on read (PS3.5 errors in the wild abound).
-    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+    configure_process(settings)
     try:
         if args.command == "serve":
-            _run(settings, _serve(settings))
+            count = worker_count(settings)
+            run_loop(settings, serve_with_workers(settings, count) if count > 1 else _serve(settings))
         elif args.command == "migrate":
-            _run(settings, _migrate(settings))
+            run_loop(settings, _migrate(settings))
         elif args.command == "policy":
-            return _run(settings, _policy(settings, args))
+            return run_loop(settings, _policy(settings, args))
         else:
-            _run(settings, _ae(settings, args))
+            run_loop(settings, _ae(settings, args))
     except ConfigError as exc:
         print(f"vna: {exc}", file=sys.stderr)
         return 2

@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import os
+import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -88,9 +89,17 @@ class Ports:
 class Runtime:
     """A running vna: `async with Runtime(settings) as rt: await rt.wait_for_stop()`."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, listen: bool = True, background: bool = True) -> None:
+        """`listen`: bind the DICOM and HTTP ports; False in a worker (gateway/workers.py), which serves the
+        connections handed to `adopt`. `background`: run the orphan sweeper and the policy mover here (in
+        one worker of several: they are safe to run anywhere, but once is enough)."""
         self.settings = settings
         self.metrics = Metrics()
+        self._listen = listen
+        self._background = background
+        self._runner: web.AppRunner | None = None
+        self._dimse: DimseServer | None = None
+        self._adopting: set[asyncio.Task[object]] = set()
         self.ready = False
         self.ports: Ports | None = None
         self._stack = contextlib.AsyncExitStack()
@@ -133,20 +142,25 @@ class Runtime:
                                shutdown_timeout=s.http.drain_timeout,
                                access_log=logging.getLogger("aiohttp.access") if s.http.access_log else None)
         await runner.setup()
+        self._runner = runner
         self._stack.push_async_callback(runner.cleanup)
+        dimse = self._dimse = DimseServer(s, services, self.metrics)
+        self._stack.push_async_callback(dimse.close, drain_timeout=s.http.drain_timeout)
+
+        if self._background:
+            sweeper = asyncio.create_task(self._sweep_forever(index, stores))
+            self._stack.callback(sweeper.cancel)
+            if s.storage.moves.interval_seconds > 0:
+                mover = asyncio.create_task(self._apply_policy_forever(index, stores))
+                self._stack.callback(mover.cancel)
+        if not self._listen:
+            self.ready = True
+            return
+
         site = web.TCPSite(runner, s.http.host, s.http.port, reuse_address=True)
         await site.start()
         http_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-
-        dimse = DimseServer(s, services, self.metrics)
         dicom_port = await dimse.start()
-        self._stack.push_async_callback(dimse.close, drain_timeout=s.http.drain_timeout)
-
-        sweeper = asyncio.create_task(self._sweep_forever(index, stores))
-        self._stack.callback(sweeper.cancel)
-        if s.storage.moves.interval_seconds > 0:
-            mover = asyncio.create_task(self._apply_policy_forever(index, stores))
-            self._stack.callback(mover.cancel)
 
         self.ports = Ports(dicom=dicom_port, http=http_port)
         # written whole, then renamed: whoever polls for the file never reads it empty or half written
@@ -157,6 +171,27 @@ class Runtime:
         log.info("vna %s listening: DICOM port %d, HTTP port %d, data in %s, event loop %s.%s", s.ae_title,
                  dicom_port, http_port, s.data_dir, loop.__module__, loop.__qualname__)
         self.ready = True
+
+    def adopt(self, service: str, sock: socket.socket) -> None:
+        """Serve a connection accepted elsewhere (the workers' primary process): `service` "http" or "dicom"."""
+        if self._runner is None or self._dimse is None or self._runner.server is None or \
+                (service != "http" and not self.ready):
+            # not started or already stopped; and no new association while draining (a single process stops
+            # listening on the DICOM port), while HTTP is answered (/readyz 503) until the end of the drain
+            sock.close()
+            return
+        loop = asyncio.get_running_loop()
+        if service == "http":
+            task = loop.create_task(loop.connect_accepted_socket(self._runner.server, sock))
+        else:
+            task = loop.create_task(self._dimse.adopt(sock))
+        self._adopting.add(task)
+        task.add_done_callback(self._adopted)
+
+    def _adopted(self, task: asyncio.Task[object]) -> None:
+        self._adopting.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("could not serve a handed-over connection: %s", task.exception())
 
     async def reload_policy(self) -> bool:
         """Read storage.policy_file again and switch to it (SIGHUP). An invalid file, or one naming a pool that

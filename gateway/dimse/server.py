@@ -77,6 +77,14 @@ class DimseServer:
         self.port = self._server.sockets[0].getsockname()[1]
         return self.port
 
+    async def adopt(self, sock: socket.socket) -> None:
+        """Serve an association on a connection accepted elsewhere (gateway/workers.py), as `start`'s
+        server would."""
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=_READ_SIZE * 4, loop=loop)
+        protocol = asyncio.StreamReaderProtocol(reader, self._on_connection, loop=loop)
+        await loop.connect_accepted_socket(lambda: protocol, sock)
+
     @property
     def active_associations(self) -> int:
         return len(self._handlers)
