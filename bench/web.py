@@ -543,7 +543,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "vna-bench-data",
                    help="data set directory (generated once, then reused)")
     p.add_argument("--keep", action="store_true", help="keep the peers' working directories")
+    p.add_argument("--vna-env", action="append", default=[], metavar="VNA__KEY=VALUE",
+                   help="a setting for vna, e.g. VNA__WORKERS=1 (repeatable)")
     a = p.parse_args(argv)
+    for item in a.vna_env:
+        key, sep, value = item.partition("=")
+        if not sep or not key.startswith("VNA__"):
+            p.error(f"--vna-env takes VNA__KEY=VALUE, not {item!r}")
+        os.environ[key] = value  # the vna peer inherits this process's environment
     names = [n.strip() for n in a.peers.split(",") if n.strip()]
     if unknown := set(names) - set(ROOTS):
         p.error(f"unknown peers: {', '.join(sorted(unknown))}")
@@ -563,7 +570,8 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="vna-bench-web-"))
     try:
         vna_source, vna_version = dimse.vna_snapshot(a.vna_ref, work / "vna-src")
-        print(f"vna: {vna_version} ({vna_source}); k6: {K6}; {os.cpu_count()} CPUs, load {load_before[0]:.2f}")
+        print(f"vna: {vna_version} ({vna_source}){''.join(' ' + e for e in a.vna_env)}; k6: {K6}; "
+              f"{os.cpu_count()} CPUs, load {load_before[0]:.2f}")
         factories = {"orthanc": peers.orthanc, "vna": functools.partial(peers.vna, source=vna_source)}
         bench = Bench({n: factories[n] for n in names}, ds, work, a)
         bench.run()
