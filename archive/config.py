@@ -197,8 +197,9 @@ class Settings(BaseSettings):
     # executor. Most of their time is spent waiting on the device, so more than the CPUs.
     io_threads: int = Field(16, ge=1, le=256)
     # processes serving connections (gateway/workers.py), each with its own event loop: one Python process
-    # uses about one core. 0: one per CPU this process may use (affinity and cgroup quota); 1: no workers,
-    # the serving process itself listens. Limits such as dicom.max_associations apply per worker.
+    # uses about one core. 0: one per CPU this process may use (affinity and cgroup quota), at most 8 (each
+    # has its own database pool); 1: no workers, the serving process itself listens. Limits such as
+    # dicom.max_associations and database.pool_max apply per worker.
     workers: int = Field(0, ge=0, le=64)
     dicom: DicomSettings = DicomSettings()
     http: HttpSettings = HttpSettings()

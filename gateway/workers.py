@@ -64,8 +64,13 @@ def available_cpus() -> int:
     return count
 
 
+# `workers: 0` starts at most this many: each worker has its own pool (database.pool_max connections), and
+# the embedded PostgreSQL allows 200 connections
+AUTO_WORKERS_MAX = 8
+
+
 def worker_count(settings: Settings) -> int:
-    return settings.workers or available_cpus()
+    return settings.workers or min(available_cpus(), AUTO_WORKERS_MAX)
 
 
 def listen_socket(host: str, port: int) -> socket.socket:

@@ -17,7 +17,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
 
 from archive.config import Settings
-from gateway.workers import RoundRobin, available_cpus, worker_count
+from gateway.workers import AUTO_WORKERS_MAX, RoundRobin, available_cpus, worker_count
 from tests.test_crash_recovery import HOST, vna_process
 from tests.test_robustness import make_ct
 from tests.test_stow import STOW_CT, make_instance, multipart
@@ -34,7 +34,8 @@ def test_round_robin_starts_after_the_last_worker_chosen() -> None:
 
 def test_worker_count_is_the_setting_or_the_cpus() -> None:
     assert worker_count(Settings(workers=3)) == 3
-    assert worker_count(Settings(workers=0)) == available_cpus()
+    assert worker_count(Settings(workers=0)) == min(available_cpus(), AUTO_WORKERS_MAX)
+    assert worker_count(Settings(workers=12)) == 12  # set explicitly, not capped
     assert 1 <= available_cpus() <= len(os.sched_getaffinity(0))  # a cgroup quota may allow fewer
 
 
