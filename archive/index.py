@@ -121,13 +121,6 @@ class Index:
             self._writer = loop.create_task(self._write_queued())
         return future
 
-    async def store_instance(self, parsed: ParsedInstance, obj: StoredObject, *, store: str, dataset_offset: int,
-                             source: str, policy: DuplicatePolicy, timeout: float,
-                             storage_class: str = "default") -> StoreOutcome:
-        """Index one instance whose object is already durable (`submit_instance`, awaited)."""
-        return await self.submit_instance(parsed, obj, store=store, dataset_offset=dataset_offset, source=source,
-                                          policy=policy, timeout=timeout, storage_class=storage_class)
-
     async def _write_queued(self) -> None:
         """Index what is queued, a transaction at a time, until nothing is; then end (the next
         `submit_instance` starts another writer)."""
