@@ -15,6 +15,7 @@ import os
 import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from aiohttp import web
 
@@ -84,6 +85,14 @@ async def open_index(settings: Settings) -> AsyncIterator[Index]:
 class Ports:
     dicom: int
     http: int
+
+
+def write_ports(data_dir: Path, ports: Ports) -> None:
+    """<data_dir>/ports.json, for whoever started us with port 0. Written whole, then renamed: whoever polls
+    for the file never reads it empty or half written."""
+    tmp = data_dir / "ports.json.tmp"
+    tmp.write_text(json.dumps({"dicom": ports.dicom, "http": ports.http}))
+    os.replace(tmp, data_dir / "ports.json")
 
 
 class Runtime:
@@ -163,10 +172,7 @@ class Runtime:
         dicom_port = await dimse.start()
 
         self.ports = Ports(dicom=dicom_port, http=http_port)
-        # written whole, then renamed: whoever polls for the file never reads it empty or half written
-        tmp = s.data_dir / "ports.json.tmp"
-        tmp.write_text(json.dumps({"dicom": dicom_port, "http": http_port}))
-        os.replace(tmp, s.data_dir / "ports.json")
+        write_ports(s.data_dir, self.ports)
         loop = type(asyncio.get_running_loop())
         log.info("vna %s listening: DICOM port %d, HTTP port %d, data in %s, event loop %s.%s", s.ae_title,
                  dicom_port, http_port, s.data_dir, loop.__module__, loop.__qualname__)

@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import json
 import logging
 import math
 import os
@@ -41,7 +40,7 @@ from prometheus_client import multiprocess
 
 from archive.config import Settings
 from gateway.process import configure_process, run_loop, settle_gc
-from gateway.runtime import Runtime, database_url
+from gateway.runtime import Ports, Runtime, database_url, write_ports
 from metrics.registry import MULTIPROCESS_DIR
 
 log = logging.getLogger("vna.workers")
@@ -229,13 +228,6 @@ class Primary:
             await asyncio.wait(watchers, timeout=5)
 
 
-def _write_ports(data_dir: Path, dicom: int, http: int) -> None:
-    # written whole, then renamed: whoever polls for the file never reads it empty or half written
-    tmp = data_dir / "ports.json.tmp"
-    tmp.write_text(json.dumps({"dicom": dicom, "http": http}))
-    os.replace(tmp, data_dir / "ports.json")
-
-
 async def serve_with_workers(settings: Settings, count: int) -> None:
     """The primary process of `vna serve` with `count` workers, until SIGTERM or SIGINT."""
     loop = asyncio.get_running_loop()
@@ -256,7 +248,7 @@ async def serve_with_workers(settings: Settings, count: int) -> None:
                 loop.add_signal_handler(sig, stop.set)
             loop.add_signal_handler(signal.SIGHUP, primary.signal_workers, signal.SIGHUP)
             http_port, dicom_port = http.getsockname()[1], dicom.getsockname()[1]
-            _write_ports(settings.data_dir, dicom_port, http_port)
+            write_ports(settings.data_dir, Ports(dicom=dicom_port, http=http_port))
             log.info("vna %s listening: DICOM port %d, HTTP port %d, data in %s, %d workers, event loop %s.%s",
                      settings.ae_title, dicom_port, http_port, settings.data_dir, count, type(loop).__module__,
                      type(loop).__qualname__)
