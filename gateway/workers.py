@@ -11,8 +11,9 @@ One Python process runs its event loop, and all the Python code of its requests,
   socket (SCM_RIGHTS), as Node's cluster module does. With SO_REUSEPORT the kernel would hash connections
   onto workers, and a few long-lived connections (a PACS's associations, a load tester's keep-alive
   clients) would often all land on one;
-- forwards SIGTERM (after closing the listening sockets: the workers then drain what they serve) and
-  SIGHUP (policy reload) to the workers.
+- forwards SIGTERM and SIGHUP (policy reload) to the workers. On SIGTERM it closes the DICOM port first and
+  keeps handing over HTTP connections until the workers have drained, so that /readyz answers 503 meanwhile
+  as a single process's does (`Primary.stop`).
 
 A worker dies with its primary (PR_SET_PDEATHSIG): a kill -9 of `vna serve` takes the whole server down at
 once, as the end of a container's main process does, and nothing acknowledged is lost either way.
@@ -33,7 +34,7 @@ import signal
 import socket
 import sys
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from prometheus_client import multiprocess
@@ -101,7 +102,7 @@ class _Worker:
     index: int
     process: asyncio.subprocess.Process
     channel: socket.socket
-    watcher: asyncio.Task[None] | None = field(default=None)
+    watcher: asyncio.Task[None] | None = None
 
 
 class Primary:
