@@ -28,7 +28,6 @@ vna_storage_move_bytes_total. Objects are held whole in memory while copied (`co
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -36,6 +35,7 @@ from typing import Any
 
 import asyncpg
 
+from archive import digest as digests
 from archive.errors import DatabaseError, InternalError, MisuseError, StorageError, VnaError
 from archive.ingest import object_key
 from archive.policy import Attributes, Policy
@@ -297,7 +297,7 @@ class Mover:
             if written.location != row.to_location:
                 raise InternalError(f"{row.sop_instance_uid}: written to {written.location}, planned {row.to_location}")
             back = await placement.store.get(written.location, timeout=self.store_timeout)
-            actual = "sha256:" + (await asyncio.to_thread(hashlib.sha256, back)).hexdigest()
+            actual = await asyncio.to_thread(digests.recompute, row.digest, back)
             if actual != row.digest or len(back) != row.size:
                 await self._remove_copy(row)
                 raise StorageError(f"{row.sop_instance_uid}: the copy at {row.to_location} reads back as {actual} "

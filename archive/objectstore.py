@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import os
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -19,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from archive import digest as digests
+from archive.config import DigestAlgorithm
 from archive.errors import StorageError
 
 _CHUNK = 1 << 20
@@ -29,7 +30,7 @@ _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
 class StoredObject:
     location: str
     size: int
-    digest: str  # "sha256:<hex>" over the whole object
+    digest: str  # "<algorithm>:<hex>" over the whole object (archive/digest.py)
 
 
 class ObjectStore(Protocol):
@@ -49,13 +50,6 @@ class ObjectStore(Protocol):
     def list_older_than(self, age_seconds: float) -> AsyncIterator[str]: ...
 
 
-def digest_of(parts: Sequence[bytes]) -> str:
-    h = hashlib.sha256()
-    for p in parts:
-        h.update(p)
-    return "sha256:" + h.hexdigest()
-
-
 class FileSystemStore:
     """Objects as files under `root`; the location is the path relative to root.
 
@@ -73,8 +67,9 @@ class FileSystemStore:
 
     name = "filesystem"
 
-    def __init__(self, root: Path, *, fsync: bool = True) -> None:
+    def __init__(self, root: Path, *, fsync: bool = True, digest: DigestAlgorithm = DigestAlgorithm.blake3) -> None:
         self.root = Path(root).resolve()
+        self.digest = digest
         self.root.mkdir(parents=True, exist_ok=True)
         self._root_text = str(self.root)
         self._root_prefix = self._root_text.rstrip("/") + "/"
@@ -130,7 +125,7 @@ class FileSystemStore:
     def _write_sync(self, fd: int, path: Path, parts: Sequence[bytes], digest: str | None) -> tuple[int, str]:
         """Write `parts` to the new file `path` open as `fd`, sync and close it: (size, digest). On failure
         the file is closed and removed."""
-        h = hashlib.sha256() if digest is None else None
+        h = digests.hasher(self.digest) if digest is None else None
         size = 0
         try:
             for p in parts:
@@ -148,7 +143,7 @@ class FileSystemStore:
             path.unlink(missing_ok=True)
             raise
         os.close(fd)
-        return size, digest or "sha256:" + h.hexdigest()  # type: ignore[union-attr]
+        return size, digest or digests.text(self.digest, h)  # type: ignore[arg-type]
 
     def _make_dirs(self, directory: Path) -> None:
         """Create `directory` and its missing parents; each new entry made durable in its parent."""
@@ -165,6 +160,8 @@ class FileSystemStore:
     async def put(self, key: str, parts: Sequence[bytes], *, digest: str | None = None,
                   timeout: float = 60.0) -> StoredObject:
         """Write `parts` as one object under `key`; `digest` if the caller already computed it."""
+        if digest is not None:
+            digests.algorithm_of(digest)  # StorageError for a digest nobody could verify later
         return await self._in_thread(self._put_sync, key, parts, digest, timeout=timeout)
 
     def _get_sync(self, location: str, offset: int) -> bytes:

@@ -9,12 +9,13 @@ Layout in a pool, for an object put under `key` (its location is `<pool>/<key>`)
   for readers; parts without a manifest are garbage, which `list_older_than` reports to the orphan
   sweeper once they are old enough.
 
-The manifest records the size, the SHA-256 of the whole object (`digest`, what the index stores) and a
-CRC-32C of every part (manifest version 2; version 1 had a SHA-256 per part, still read). Every read
-checks each part it returns (a part is read whole, so a ranged read costs at most one part beyond the
-range); a mismatch raises StorageError. CRC-32C (Castagnoli, what Ceph's BlueStore checks its own blocks
-with) costs 20 us per 512 KiB with SSE 4.2, against 330 us for SHA-256: it catches corruption at rest and
-in transit; the SHA-256 of the whole object stays the identity the index and moves verify.
+The manifest records the size, the digest of the whole object (`digest`, what the index stores: BLAKE3 or
+SHA-256 by `storage.digest`, archive/digest.py) and a CRC-32C of every part (manifest version 2; version 1
+had a SHA-256 per part, still read). Every read checks each part it returns (a part is read whole, so a
+ranged read costs at most one part beyond the range); a mismatch raises StorageError. CRC-32C (Castagnoli,
+what Ceph's BlueStore checks its own blocks with) costs 20 us per 512 KiB with SSE 4.2: it catches
+corruption at rest and in transit; the digest of the whole object stays the identity the index and moves
+verify.
 
 Writes go through librados aio completions, resolved on the event loop with `call_soon_threadsafe`.
 Reads go through `archive.rados_local.RadosReader` (librados' C API): the manifest xattr and the first
@@ -45,7 +46,8 @@ from typing import Any
 
 import crc32c
 
-from archive.config import RadosSettings
+from archive import digest as digests
+from archive.config import DigestAlgorithm, RadosSettings
 from archive.errors import ConfigError, StorageError
 from archive.objectstore import StoredObject
 from archive.rados_local import RadosReader
@@ -86,7 +88,7 @@ def split_location(location: str) -> tuple[str, str]:
 @dataclass(frozen=True, slots=True)
 class Manifest:
     size: int
-    digest: str                      # "sha256:<hex>" over the whole object
+    digest: str                      # "<algorithm>:<hex>" over the whole object (archive/digest.py)
     parts: tuple[tuple[int, str], ...]  # (size, "crc32c:<8 hex>" or "sha256:<hex>") of each part, in order
     inline: bool                     # True: the bytes are in `key` itself (one part)
     time: float
@@ -324,20 +326,21 @@ class RadosStore:
     name = "rados"
 
     def __init__(self, connection: RadosConnection, *, pool: str, part_size: int = 32 << 20,
-                 owns_connection: bool = False) -> None:
+                 owns_connection: bool = False, digest: DigestAlgorithm = DigestAlgorithm.blake3) -> None:
         self.connection = connection
         self.pool = pool
         self.part_size = part_size
+        self.digest = digest
         self.op_timeout = connection.settings.op_timeout
         self._owns_connection = owns_connection
 
     @classmethod
-    async def open(cls, settings: RadosSettings) -> RadosStore:
+    async def open(cls, settings: RadosSettings, *, digest: DigestAlgorithm = DigestAlgorithm.blake3) -> RadosStore:
         """Connect (one librados client) and check that the pool exists."""
         conn = RadosConnection(settings)
         try:
             await conn.connect()
-            store = cls(conn, pool=settings.pool, part_size=settings.part_size, owns_connection=True)
+            store = cls(conn, pool=settings.pool, part_size=settings.part_size, owns_connection=True, digest=digest)
             await conn.ioctx(settings.pool)
         except BaseException:
             await conn.close()
@@ -356,8 +359,8 @@ class RadosStore:
         if not key or key.startswith("/") or _PART_SUFFIX.search(key):
             raise StorageError(f"{key!r} cannot name a RADOS object")
         data = [p if isinstance(p, bytes) else bytes(p) for p in parts] or [b""]
-        if digest is not None and not digest.startswith("sha256:"):
-            digest = None
+        if digest is not None:
+            digests.algorithm_of(digest)  # StorageError for a digest nobody could verify later
         size = sum(map(len, data))
         io = await self.connection.ioctx(self.pool)
         try:
@@ -376,17 +379,11 @@ class RadosStore:
 
         def hash_and_submit() -> tuple[Manifest, asyncio.Future[tuple[Any, ...]]]:
             # in a worker thread: hashing and librados' copy of the bytes stay off the loop
-            if digest is None:
-                h = hashlib.sha256()
-                for p in data:
-                    h.update(p)
-                hexdigest = h.hexdigest()
-            else:
-                hexdigest = digest.removeprefix("sha256:")
+            whole_digest = digest if digest is not None else digests.digest_of(data, self.digest)
             # one write_full of the whole object: an erasure-coded pool (without allow_ec_overwrites) refuses
             # a write at an offset (ENOTSUP), e.g. the data set after the File Meta Information of a C-STORE
             whole = data[0] if len(data) == 1 else b"".join(data)
-            manifest = Manifest(size=size, digest="sha256:" + hexdigest, parts=((size, part_check(whole)),),
+            manifest = Manifest(size=size, digest=whole_digest, parts=((size, part_check(whole)),),
                                 inline=True, time=time.time())
             op = io.create_write_op()
             try:
@@ -406,7 +403,7 @@ class RadosStore:
     async def _put_parts(self, io: Any, key: str, data: list[bytes], size: int, digest: str | None) -> Manifest:
         loop = asyncio.get_running_loop()
         conn = self.connection
-        whole = hashlib.sha256() if digest is None else None
+        whole = digests.hasher(self.digest) if digest is None else None
         entries: list[tuple[int, str]] = []
         in_flight: collections.deque[asyncio.Future[tuple[Any, ...]]] = collections.deque()
 
@@ -429,7 +426,7 @@ class RadosStore:
                 in_flight.append(fut)
             while in_flight:
                 await in_flight.popleft()
-            manifest = Manifest(size=size, digest=digest or "sha256:" + whole.hexdigest(),  # type: ignore[union-attr]
+            manifest = Manifest(size=size, digest=digest or digests.text(self.digest, whole),  # type: ignore[arg-type]
                                 parts=tuple(entries), inline=False, time=time.time())
             encoded = manifest.encode()
             op = io.create_write_op()

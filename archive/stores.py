@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from archive.config import Settings, StorageBackend
+from archive.config import DigestAlgorithm, Settings, StorageBackend
 from archive.errors import ConfigError, StorageError
 from archive.objectstore import FileSystemStore, ObjectStore, StoredObject
 from archive.policy import Attributes, Policy, StorageClass
@@ -87,9 +87,9 @@ class _FileSystemBackend(_OneStore):
 
 
 class _RadosBackend:
-    def __init__(self, connection: Any, part_size: int, default_pool: str) -> None:
+    def __init__(self, connection: Any, part_size: int, default_pool: str, digest: DigestAlgorithm) -> None:
         from archive.rados_store import RadosStore
-        self._make = lambda pool: RadosStore(connection, pool=pool, part_size=part_size)
+        self._make = lambda pool: RadosStore(connection, pool=pool, part_size=part_size, digest=digest)
         self.connection = connection
         self._by_pool: dict[str, ObjectStore] = {}
         # any RadosStore reads every pool (the pool is in the location)
@@ -222,13 +222,14 @@ async def open_stores(settings: Settings, policy: Policy | None = None) -> Async
         try:
             await connection.connect()
             policy = policy or Policy.single(rs.pool)
-            backend = _RadosBackend(connection, rs.part_size, policy.default.pool)
+            backend = _RadosBackend(connection, rs.part_size, policy.default.pool, settings.storage.digest)
             registry = await StoreRegistry.create(backend, policy)
         except BaseException:
             await connection.close()
             raise
     else:
-        backend = _FileSystemBackend(FileSystemStore(settings.object_root, fsync=settings.storage.fsync))
+        backend = _FileSystemBackend(FileSystemStore(settings.object_root, fsync=settings.storage.fsync,
+                                                     digest=settings.storage.digest))
         registry = await StoreRegistry.create(backend, policy or Policy.single(None))
     try:
         yield registry

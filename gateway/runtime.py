@@ -56,13 +56,13 @@ async def build_store(settings: Settings) -> AsyncIterator[ObjectStore]:
     """The configured object store; a RADOS store's connection is flushed and shut down on exit."""
     if settings.storage.backend is StorageBackend.rados:
         from archive.rados_store import RadosStore  # librados only when configured
-        store = await RadosStore.open(settings.storage.rados)
+        store = await RadosStore.open(settings.storage.rados, digest=settings.storage.digest)
         try:
             yield store
         finally:
             await store.close()
         return
-    yield FileSystemStore(settings.object_root, fsync=settings.storage.fsync)
+    yield FileSystemStore(settings.object_root, fsync=settings.storage.fsync, digest=settings.storage.digest)
 
 
 @contextlib.asynccontextmanager

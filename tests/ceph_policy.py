@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import subprocess
 import tempfile
@@ -23,6 +22,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from archive.config import RadosSettings
 from archive.rados_store import RadosConnection
 from tests.conftest import CEPH_CLUSTER_SCRIPT, DCMTK, rados_settings, run_tool
+from tests.digests import blake3_text
 
 # scripts/ceph-cluster --osds 3: dc-a = h1 (osd.0), h2 (osd.1); dc-b = h3 (osd.2)
 DC_A_OSDS = {0, 1}
@@ -141,8 +141,9 @@ def part10(ds: Dataset) -> bytes:
     return out.getvalue()
 
 
-def sha256(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
+def object_digest(data: bytes) -> str:
+    """The digest the index records for `data` under the default `storage.digest` (BLAKE3)."""
+    return blake3_text(data)
 
 
 async def stow(http: aiohttp.ClientSession, http_port: int, files: list[bytes], *, per_request: int = 50) -> None:

@@ -2,7 +2,7 @@
 
 What must hold (the ingest order of archive/ingest.py): every instance that got a success status is
 indexed and retrievable with the bytes that were sent; every index row names an object whose
-sha256 is the indexed digest; objects the crash left without a row are removed by the orphan sweep.
+digest (BLAKE3 by default) is the indexed one; objects the crash left without a row are removed by the orphan sweep.
 On both object stores: the filesystem, and RADOS (the child gets the test pool's settings in its
 environment, and the objects are read with librados).
 """
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import os
 import re
@@ -36,6 +35,7 @@ from archive.index import Index
 from archive.ingest import sweep_orphans
 from metrics.registry import Metrics
 from tests.conftest import BOTH_BACKENDS, DCMTK, run_tool, storage_env
+from tests.digests import blake3_text
 from tests.stored_objects import StoredObjects
 
 REPO = Path(__file__).resolve().parent.parent
@@ -177,8 +177,8 @@ def c_get_study(port: int, study_uid: str) -> tuple[int, dict[str, bytes]]:
     return final, received
 
 
-def sha256(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
+def object_digest(data: bytes) -> str:
+    return blake3_text(data)
 
 
 # -- the test ----------------------------------------------------------------------------------------
@@ -248,7 +248,7 @@ async def test_kill_9_during_storescu_run(tmp_path: Path, database_url: str, sto
         assert r["location"] in on_store, f"index row {r['sop_instance_uid']} names missing object {r['location']}"
         data = await stored.read(r["location"])
         assert len(data) == r["size"]
-        assert sha256(data) == r["digest"], f"object {r['location']} does not match its digest"
+        assert object_digest(data) == r["digest"], f"object {r['location']} does not match its digest"
 
     # An object the index does not name is what a crash between "write object" and "index it"
     # leaves (plus .tmp- files from a write cut short). The kill may or may not have landed in that

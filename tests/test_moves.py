@@ -17,7 +17,6 @@ filesystem store for the cases that need no cluster.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import os
 import signal
@@ -42,7 +41,7 @@ from archive.policy import parse_policy
 from archive.stores import StoreRegistry, open_stores
 from gateway.runtime import Runtime
 from metrics.registry import Metrics
-from tests.ceph_policy import (cli_env, cluster3, make_ct, monitor, part10, pool_objects, purge, sha256, stow,
+from tests.ceph_policy import (cli_env, cluster3, make_ct, monitor, part10, pool_objects, purge, object_digest, stow,
                                storage_for, storescu)
 
 N = 1000
@@ -116,7 +115,7 @@ async def check_all_moved(cluster: dict[str, Any], index: Index, sent: list[tupl
         for r in found.values():  # read each object raw from RADOS: the digest recorded at ingest
             key = r["location"].removeprefix("vna-all-dc/")
             data = await asyncio.to_thread(io.read, key, r["size"] + 1)
-            assert sha256(data) == r["digest"]
+            assert object_digest(data) == r["digest"]
     assert (await pending_counts(index.pool)).keys() <= {"done"}
 
 
@@ -326,8 +325,7 @@ async def test_a_copy_with_another_digest_is_not_switched(fs_archive: tuple[Stor
     assert (report.resumed, report.moved, report.deleted) == (1, 1, 1)
     moved = (await rows(index))[sop]
     assert moved["storage_class"] == "slow"
-    assert hashlib.sha256((tmp_path / "objects" / moved["location"]).read_bytes()).hexdigest() == \
-        moved["digest"].removeprefix("sha256:")
+    assert object_digest((tmp_path / "objects" / moved["location"]).read_bytes()) == moved["digest"]
 
 
 async def test_one_mover_at_a_time(fs_archive: tuple[StoreRegistry, Ingestor], index: Index) -> None:
@@ -392,7 +390,7 @@ rules:
         assert await pool_objects(mon, "vna-dc-a") == set()
     for sop, r in after.items():  # the stored PS3.10 file: our File Meta Information, the data set as sent
         data = await rt.stores.for_location(r["store"], r["location"]).get(r["location"], timeout=10)
-        assert sha256(data) == r["digest"] and data.endswith(datasets[sop])
+        assert object_digest(data) == r["digest"] and data.endswith(datasets[sop])
 
 
 async def test_limit_moves_at_most_that_many_per_run(fs_archive: tuple[StoreRegistry, Ingestor], index: Index) -> None:

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import pytest
 
 import archive.objectstore as objectstore
+from archive import digest as digests
+from archive.config import DigestAlgorithm
 from archive.errors import StorageError
 from archive.objectstore import FileSystemStore, filesystem_type
+from tests.digests import blake3_text, sha256_text
 
 
 def _files(root: Path) -> set[str]:
@@ -20,9 +22,26 @@ async def test_put_writes_the_object_under_its_key(tmp_path: Path) -> None:
     store = FileSystemStore(tmp_path)
     obj = await store.put("1.2/3.4/5.6.abc.dcm", [b"head", b"tail"], timeout=5)
     assert obj.location == "1.2/3.4/5.6.abc.dcm" and obj.size == 8
-    assert obj.digest == "sha256:" + hashlib.sha256(b"headtail").hexdigest()
+    assert obj.digest == blake3_text(b"headtail")  # storage.digest's default
     assert (tmp_path / obj.location).read_bytes() == b"headtail"
     assert _files(tmp_path) == {obj.location}  # no temporary file left beside it
+
+
+async def test_put_digests_with_the_configured_algorithm(tmp_path: Path) -> None:
+    data = [b"x" * 100_000, b"y" * 3]
+    store = FileSystemStore(tmp_path, digest=DigestAlgorithm.sha256)
+    obj = await store.put("a/b.dcm", data, timeout=5)
+    assert obj.digest == sha256_text(b"".join(data))
+    # whatever wrote it, a digest text is verified by the algorithm it names
+    assert digests.recompute(obj.digest, b"".join(data)) == obj.digest
+    assert digests.recompute(blake3_text(b"z"), b"z") == blake3_text(b"z")
+    assert digests.recompute(obj.digest, b"tampered") != obj.digest
+
+
+@pytest.mark.parametrize("text", ["md5:abc", "blake3", "blake3:", "", "SHA256:00"])
+def test_a_digest_of_an_unknown_algorithm_is_refused(text: str) -> None:
+    with pytest.raises(StorageError, match="not a digest this archive can verify"):
+        digests.algorithm_of(text)
 
 
 async def test_put_over_an_existing_name_replaces_it_whole(tmp_path: Path) -> None:

@@ -28,7 +28,7 @@ from archive.instance import split_part10
 from gateway.runtime import Runtime
 from tests.conftest import run_tool
 from tests.ceph_policy import (DC_A_OSDS, DC_B_OSDS, POLICY, acting_sets, cluster3, make_ct, monitor, part10,
-                               pool_objects, purge, sha256, stow, storage_for, storescu)
+                               pool_objects, purge, object_digest, stow, storage_for, storescu)
 
 N_PER_SITE = 500
 POOL_OF = {"all-dc": "vna-all-dc", "regional": "vna-dc-a", "default": "vna"}
@@ -99,7 +99,7 @@ async def test_institutions_land_in_their_pools_and_crush_obeys_the_rules(
         assert pool == POOL_OF[cls]
         by_pool[pool].append(key)
         if r["source"] == "dicomweb":  # stored exactly as received (PS3.18 10.5: the PS3.10 file)
-            assert r["digest"] == sha256(data)
+            assert r["digest"] == object_digest(data)
     assert {s for s in (r["source"] for r in rows)} == {"dicomweb", "dimse:POLICYSCU"}
 
     async with monitor(ceph3) as mon:

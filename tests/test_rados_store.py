@@ -29,7 +29,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, build_role, evt
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet
 
-from archive.config import RadosSettings, Settings
+from archive.config import DigestAlgorithm, RadosSettings, Settings
 from archive.database import create_pool
 from archive.errors import ConfigError, StorageError
 from archive.index import Index
@@ -37,6 +37,7 @@ from archive.ingest import sweep_orphans
 from archive.rados_store import MANIFEST_XATTR, RadosStore
 from metrics.registry import Metrics
 from tests.conftest import CEPH_CLUSTER_SCRIPT, DCMTK, rados_settings, run_tool
+from tests.digests import blake3_text
 
 MiB = 1 << 20
 
@@ -74,7 +75,7 @@ async def test_round_trip_of_a_small_object(rados_store: RadosStore, ceph_cluste
     meta, body = b"\x00" * 128 + b"DICM" + b"meta", random.randbytes(300_000)
     obj = await rados_store.put(key, [meta, body], timeout=10)
     whole = meta + body
-    assert (obj.location, obj.size, obj.digest) == (f"vna/{key}", len(whole), sha256(whole))
+    assert (obj.location, obj.size, obj.digest) == (f"vna/{key}", len(whole), blake3_text(whole))
 
     assert await rados_store.get(obj.location, timeout=10) == whole
     assert await rados_store.get(obj.location, offset=len(meta), timeout=10) == body
@@ -98,14 +99,20 @@ async def test_round_trip_of_a_small_object(rados_store: RadosStore, ceph_cluste
 
 async def test_empty_object_and_a_digest_given_by_the_caller(rados_store: RadosStore) -> None:
     empty = await rados_store.put(unique_key("empty"), [], timeout=10)
-    assert (empty.size, empty.digest) == (0, sha256(b""))
+    assert (empty.size, empty.digest) == (0, blake3_text(b""))
     assert await rados_store.get(empty.location, timeout=10) == b""
     assert [c async for c in rados_store.stream(empty.location)] == []
 
     data = b"known content"
+    # a move copies with the digest the index has, whichever algorithm wrote it
     obj = await rados_store.put(unique_key("given"), [data], digest=sha256(data), timeout=10)
     assert obj.digest == sha256(data) and await rados_store.get(obj.location, timeout=10) == data
-    for o in (empty, obj):
+    with pytest.raises(StorageError, match="not a digest this archive can verify"):
+        await rados_store.put(unique_key("unknown"), [data], digest="md5:00", timeout=10)
+    sha_store = RadosStore(rados_store.connection, pool=rados_store.pool, digest=DigestAlgorithm.sha256)
+    configured = await sha_store.put(unique_key("sha"), [data], timeout=10)
+    assert configured.digest == sha256(data)
+    for o in (empty, obj, configured):
         await rados_store.delete(o.location, timeout=10)
 
 
@@ -119,7 +126,7 @@ async def test_object_larger_than_a_part_is_split_and_read_back_bit_identical(
         whole = head + body
         parts = -(-len(whole) // part_size)
         obj = await store.put(key, [head, body], timeout=60)
-        assert (obj.size, obj.digest) == (len(whole), sha256(whole))
+        assert (obj.size, obj.digest) == (len(whole), blake3_text(whole))
 
         names = set((await rados_cli(ceph_cluster, "-p", "vna", "ls")).split())
         assert {key, *(f"{key}.part-{i:04d}" for i in range(parts))} <= names
