@@ -1,6 +1,7 @@
 """STOW-RS A/B: vna under several settings, and Orthanc, run by run in turn on the same data and client.
 
     python bench/stow_ab.py --vna-ref HEAD --variant VNA__WORKERS=1 --variant VNA__WORKERS=2 --orthanc
+    python bench/stow_ab.py --vna-ref HEAD --ref 6c2007c --orthanc     # against vna at an older commit
 
 Each variant is a vna started with those VNA__ settings on a fresh archive; one run STOWs the 2000
 instances of the web data set (bench/data.py --preset web) with 4 clients and BATCH instances per request
@@ -31,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--variant", action="append", default=[], metavar="VNA__KEY=V[,VNA__KEY=V]",
                    help="vna with these settings ('' for the defaults); repeatable")
+    p.add_argument("--ref", action="append", default=[], metavar="REV",
+                   help="one more variant: vna at commit REV with its defaults; repeatable")
     p.add_argument("--orthanc", action="store_true", help="Orthanc as one more variant")
     p.add_argument("--batch", default="1,10", help="instances per request, comma-separated")
     p.add_argument("--runs", type=int, default=5)
@@ -47,13 +50,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         source, version = dimse.vna_snapshot(a.vna_ref, work / "vna-src")
         print(f"vna {version}; {len(ds.files)} instances; {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}")
-        names = [v or "vna defaults" for v in variants] + (["orthanc"] if a.orthanc else [])
+        # (name, VNA__ settings or None for Orthanc, vna source)
+        runs_of: list[tuple[str, str | None, Path]] = [(v or "vna defaults", v, source) for v in variants]
+        for i, ref in enumerate(a.ref):
+            ref_source, ref_version = dimse.vna_snapshot(ref, work / f"vna-ref-{i}")
+            runs_of.append((f"vna at {ref_version}", "", ref_source))
+        if a.orthanc:
+            runs_of.append(("orthanc", None, source))
+        names = [name for name, _, _ in runs_of]
         for batch in [int(b) for b in a.batch.split(",")]:
             rates: dict[str, list[float]] = {n: [] for n in names}
             for run in range(a.runs):
-                for name, variant in zip(names, variants + ([None] if a.orthanc else []), strict=True):
-                    rates[name].append(_one(work / f"{batch}-{run}-{len(rates[name])}", ds.files, batch, variant,
-                                            source))
+                for name, variant, src in runs_of:
+                    rates[name].append(_one(work / f"{batch}-{run}-{names.index(name)}", ds.files, batch, variant,
+                                            src))
                     print(f"  b{batch} run {run + 1} {name:30} {rates[name][-1]:7.1f} inst/s "
                           f"load {os.getloadavg()[0]:.2f}", flush=True)
             base = rates[names[0]]
