@@ -7,7 +7,9 @@ Each variant is a vna started with those VNA__ settings on a fresh archive; one 
 instances of the web data set (bench/data.py --preset web) with 4 clients and BATCH instances per request
 (the client of bench/web.py: bodies built before the clock starts). Runs alternate between the variants,
 so the machine's drift over minutes falls on all of them alike; medians and the per-run ratios to the first
-variant are printed. For comparisons of vna's own settings; bench/web.py gives the figures against the
+variant are printed, and the machine's CPU time per stored instance (all processes: client, server,
+PostgreSQL; from /proc/stat), which drifts less than the rate and shows a CPU saving even when the rate is
+bound by latency. For comparisons of vna's own settings; bench/web.py gives the figures against the
 issue's targets.
 """
 
@@ -60,23 +62,33 @@ def main(argv: list[str] | None = None) -> int:
         names = [name for name, _, _ in runs_of]
         for batch in [int(b) for b in a.batch.split(",")]:
             rates: dict[str, list[float]] = {n: [] for n in names}
+            cpu: dict[str, list[float]] = {n: [] for n in names}
             for run in range(a.runs):
                 for name, variant, src in runs_of:
-                    rates[name].append(_one(work / f"{batch}-{run}-{names.index(name)}", ds.files, batch, variant,
-                                            src))
-                    print(f"  b{batch} run {run + 1} {name:30} {rates[name][-1]:7.1f} inst/s "
+                    rate, cpu_ms = _one(work / f"{batch}-{run}-{names.index(name)}", ds.files, batch, variant, src)
+                    rates[name].append(rate)
+                    cpu[name].append(cpu_ms)
+                    print(f"  b{batch} run {run + 1} {name:30} {rate:7.1f} inst/s, CPU {cpu_ms:.2f} ms/inst "
                           f"load {os.getloadavg()[0]:.2f}", flush=True)
             base = rates[names[0]]
             for name in names:
                 paired = statistics.median(r / b for r, b in zip(rates[name], base, strict=True))
                 print(f"b{batch} {name:30} median {statistics.median(rates[name]):7.1f} inst/s, "
-                      f"paired ratio to {names[0]!r} {paired:.2f}  runs {[round(r) for r in rates[name]]}")
+                      f"paired ratio to {names[0]!r} {paired:.2f}  runs {[round(r) for r in rates[name]]}; "
+                      f"CPU median {statistics.median(cpu[name]):.2f} ms/inst")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0
 
 
-def _one(workdir: Path, files: list[str], batch: int, variant: str | None, source: Path) -> float:
+def _busy_seconds() -> float:
+    """CPU time the whole machine has spent busy since boot (/proc/stat: all but idle and iowait)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def _one(workdir: Path, files: list[str], batch: int, variant: str | None, source: Path) -> tuple[float, float]:
+    """(instances/s, machine CPU ms per instance) of one STOW-RS run on a fresh archive."""
     workdir.mkdir(parents=True)
     saved = {k: v for k, v in os.environ.items() if k.startswith("VNA__")}
     try:
@@ -88,7 +100,9 @@ def _one(workdir: Path, files: list[str], batch: int, variant: str | None, sourc
             os.environ.update(item.split("=", 1) for item in filter(None, variant.split(",")))
             factory, root = functools.partial(peers.vna, source=source), "/dicomweb"
         with factory(workdir, {}) as peer:
-            return stow(f"http://{peer.host}:{peer.http_port}{root}", files, 4, batch)
+            busy = _busy_seconds()
+            rate = stow(f"http://{peer.host}:{peer.http_port}{root}", files, 4, batch)
+            return rate, (_busy_seconds() - busy) * 1000 / len(files)
     finally:
         for k in [k for k in os.environ if k.startswith("VNA__")]:
             del os.environ[k]
