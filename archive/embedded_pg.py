@@ -4,10 +4,10 @@ Why: `vna serve` must run on a fresh machine with no database to point at. Postg
 run as root, so when we are root the cluster is owned by and run as an unprivileged system user
 (`vna-pg`), created on first use.
 
-The server listens on 127.0.0.1 only, on a free port chosen at first start (kept in
-``<pgdata>/vna-port``), with a generated password (``<pgdata>/../pg-password``, mode 0600). A second
+The server listens on 127.0.0.1 only, on a free port chosen at each start (PostgreSQL records it in
+``<pgdata>/postmaster.pid``), with a generated password (``<pgdata>/../pg-password``, mode 0600). A second
 process pointed at the same data directory (``vna ae add`` while ``vna serve`` runs) finds the running
-postmaster and connects to it instead of starting another.
+postmaster there and connects to it instead of starting another.
 
 Example::
 
