@@ -49,6 +49,17 @@ async def migrate(conn: asyncpg.Connection, *, timeout: float = 60.0) -> list[in
     return applied
 
 
+# Every statement vna sends is prepared once per connection (asyncpg's statement cache) and takes its values
+# as parameters. With PostgreSQL's default plan_cache_mode (auto) a prepared statement whose generic plan is
+# estimated dearer than the custom plans of its first five runs is planned again at every run; after
+# autovacuum had analyzed a freshly loaded index, QIDO-RS study searches (about 0.4 ms of planning for 0.3 ms
+# of execution) fell into that state and lost a third of their rate (docs/performance.md). Generic plans
+# are planned once; vna's statements are key lookups and ranges whose best plan does not depend on the
+# values, and LIKE prefixes are given as ranges the generic plan can use (archive/query.py `_prefix_range`).
+# plan_cache_mode needs PostgreSQL 12 or later.
+SESSION_SETTINGS = {"plan_cache_mode": "force_generic_plan"}
+
+
 async def _init_connection(conn: asyncpg.Connection) -> None:
     await conn.set_type_codec("jsonb", encoder=jsontext.dumps, decoder=json.loads, schema="pg_catalog")
 
@@ -64,10 +75,10 @@ async def _reset_connection(conn: asyncpg.Connection) -> None:
 
 async def create_pool(dsn: str, *, min_size: int, max_size: int, command_timeout: float,
                       timeout: float = 30.0) -> asyncpg.Pool:
-    """A pool whose connections decode jsonb to Python objects."""
+    """A pool whose connections decode jsonb to Python objects and plan each statement once."""
     try:
         return await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size, timeout=timeout,
                                          command_timeout=command_timeout, init=_init_connection,
-                                         reset=_reset_connection)
+                                         reset=_reset_connection, server_settings=SESSION_SETTINGS)
     except (asyncpg.PostgresError, OSError) as exc:
         raise DatabaseError(f"cannot connect to PostgreSQL: {exc}") from exc

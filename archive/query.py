@@ -103,6 +103,30 @@ def _like_pattern(value: str) -> str:
     return escaped.replace("*", "%").replace("?", "_")
 
 
+def _prefix_range(sql: _Sql, expr: str, value: str) -> str:
+    """Conditions (each followed by AND) bounding `expr` to the values that begin with the literal part of
+    the wildcard value `value` before its first * or ?, or "" when it begins with a wildcard.
+
+    The index plans statements once, generically (archive/database.py): a LIKE whose pattern is a parameter
+    cannot be turned into an index range then, as PostgreSQL does for a constant pattern. These bounds can
+    (the text_pattern_ops operators ~>=~ and ~<~ compare byte by byte, and UTF-8's byte order is the code
+    point order, so every value beginning with the prefix lies between the prefix and the prefix with its
+    last character raised by one)."""
+    cut = min((i for i in (value.find("*"), value.find("?")) if i >= 0), default=len(value))
+    prefix = value[:cut]
+    if not prefix:
+        return ""
+    conditions = f"{expr} ~>=~ {sql.arg(prefix)} AND "
+    after = ord(prefix[-1]) + 1
+    if after <= 0x10FFFF and not 0xD800 <= after <= 0xDFFF:
+        conditions += f"{expr} ~<~ {sql.arg(prefix[:-1] + chr(after))} AND "
+    return conditions
+
+
+def _no_range(sql: _Sql, expr: str, value: str) -> str:
+    return ""
+
+
 def _has_wildcard(value: str) -> bool:
     return "*" in value or "?" in value
 
@@ -175,8 +199,11 @@ def _range(sql: _Sql, expr: str, value: str, norm: Any) -> str:
     return " AND ".join(parts)
 
 
-def _condition(sql: _Sql, expr: str, match: Match, vr: str, values: list[str], fuzzy: bool) -> str | None:
-    """SQL for one key's matching, or None for universal matching."""
+def _condition(sql: _Sql, expr: str, match: Match, vr: str, values: list[str], fuzzy: bool, *,
+               column: bool = False) -> str | None:
+    """SQL for one key's matching, or None for universal matching. `column`: `expr` is an index column,
+    whose wildcard matches get a prefix range too (`_prefix_range`)."""
+    prefix_range = _prefix_range if column else _no_range
     if not values:
         return None
     if match is Match.UID:
@@ -204,14 +231,14 @@ def _condition(sql: _Sql, expr: str, match: Match, vr: str, values: list[str], f
                 p = _like_pattern(pattern.rstrip("*")) + "%"
                 ors.append(f"({expr} LIKE {sql.arg(p)} OR {expr} LIKE {sql.arg('%^' + p)})")
             elif _has_wildcard(pattern):
-                ors.append(f"{expr} LIKE {sql.arg(_like_pattern(pattern))}")
+                ors.append(f"{prefix_range(sql, expr, pattern)}{expr} LIKE {sql.arg(_like_pattern(pattern))}")
             else:
                 ors.append(f"{expr} = {sql.arg(pattern)}")
         else:
             if vr not in _NO_WILDCARD_VRS and _has_wildcard(v):
                 if v.strip("*") == "":
                     return None
-                ors.append(f"{expr} LIKE {sql.arg(_like_pattern(v))}")
+                ors.append(f"{prefix_range(sql, expr, v)}{expr} LIKE {sql.arg(_like_pattern(v))}")
             else:
                 ors.append(f"{expr} = {sql.arg(v)}")
     return ors[0] if len(ors) == 1 else "(" + " OR ".join(ors) + ")"
@@ -270,7 +297,7 @@ def _match(query: Query) -> tuple[_Sql, dict[int, str]]:
                 cond = f"EXISTS (SELECT 1 FROM {_sequence_items(klevel.alias, key.tag)} WHERE {cond})"
         elif indexed is not None:
             cond = _condition(sql, f"{klevel.alias}.{indexed.column}", indexed.match, indexed.vr, values,
-                              query.fuzzy)
+                              query.fuzzy, column=True)
         else:
             match = _VR_MATCH.get(key.vr, Match.STRING)
             expr = _json_text(klevel.alias, f"{key.tag:08X}", key.vr)

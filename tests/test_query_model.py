@@ -123,8 +123,35 @@ def test_pn_single_value_is_case_folded():
 def test_wildcards_become_like_with_sql_metacharacters_escaped():
     """PS3.4 C.2.2.2.4: only * and ? are wildcards; a literal % or _ in the value stays literal."""
     text, args = _sql(Level.STUDY, QueryKey(STUDY_DESCRIPTION, "LO", "50%_?x*"))
-    assert "st.study_description LIKE $1" in text
-    assert args == ["50\\%\\__x%"]
+    assert "st.study_description LIKE $3" in text
+    assert args[2] == "50\\%\\__x%"
+
+
+def test_wildcard_prefix_is_also_given_as_a_range():
+    """The literal part before the first wildcard bounds the values byte-wise (text_pattern_ops), so a
+    generic plan can use an index where a constant LIKE prefix would (archive/query.py `_prefix_range`)."""
+    text, args = _sql(Level.STUDY, QueryKey(STUDY_DESCRIPTION, "LO", "50%_?x*"))
+    assert "st.study_description ~>=~ $1 AND st.study_description ~<~ $2 AND st.study_description LIKE $3" in text
+    assert args == ["50%_", "50%`", "50\\%\\__x%"]  # the prefix is literal: % and _ are not wildcards here
+    text, args = _sql(Level.PATIENT, QueryKey(PATIENT_NAME, "PN", "Doe^J*"))
+    assert "p.patient_name ~>=~ $1 AND p.patient_name ~<~ $2 AND p.patient_name LIKE $3" in text
+    assert args == ["doe^j", "doe^k", "doe^j%"]
+
+
+@pytest.mark.parametrize("value", ["*DOE", "?OE"])
+def test_no_range_without_a_literal_prefix(value):
+    text, args = _sql(Level.PATIENT, QueryKey(PATIENT_NAME, "PN", value))
+    assert "~>=~" not in text and len(args) == 1
+
+
+def test_prefix_range_upper_bound_at_the_end_of_unicode():
+    """No character follows U+10FFFF (nor is a surrogate one): the range is then open above."""
+    text, args = _sql(Level.STUDY, QueryKey(STUDY_DESCRIPTION, "LO", "a\U0010ffff*"))
+    assert "~>=~ $1 AND" in text and "~<~" not in text and args[0] == "a\U0010ffff"
+    text, args = _sql(Level.STUDY, QueryKey(STUDY_DESCRIPTION, "LO", "a\ud7ff*"))
+    assert "~<~" not in text
+    text, args = _sql(Level.STUDY, QueryKey(STUDY_DESCRIPTION, "LO", "\u00e9t*"))
+    assert args[:2] == ["\u00e9t", "\u00e9u"]
 
 
 @pytest.mark.parametrize("value", [None, "", "*", "**"])
