@@ -36,8 +36,7 @@ def submit(index: Index, parsed: ParsedInstance) -> asyncio.Future[StoreOutcome]
 
 async def rows_of(index: Index, study: str) -> list[tuple[str, object]]:
     """(SOP Instance UID, its transaction), in the order rows were inserted. The transaction is told by
-    created_at, now(): the start of the inserting transaction (the row's xmin is not: vna_store_instance
-    inserts in a subtransaction)."""
+    created_at, now(): the start of the inserting transaction."""
     rows = await index.pool.fetch(
         "SELECT i.sop_instance_uid, i.created_at AS tx FROM instance i JOIN series s ON s.pk = i.series_fk "
         "JOIN study st ON st.pk = s.study_fk WHERE st.study_instance_uid = $1 ORDER BY i.pk", study)
@@ -53,6 +52,20 @@ async def test_instances_queued_together_share_one_transaction_in_queue_order(in
     rows = await rows_of(index, study)
     assert [uid for uid, _ in rows] == [p.sop_instance_uid for p in parsed]
     assert len({tx for _, tx in rows}) == 1  # one transaction: one commit for all twelve
+
+
+async def test_a_batch_is_one_transaction_without_subtransactions(index: Index) -> None:
+    """vna_store_instance inserts without a BEGIN ... EXCEPTION block (migration 0003): every row of a batch
+    carries the batch transaction's own ID, as the study and series rows it created do, instead of one
+    subtransaction ID per instance (which brought anti-wraparound vacuums twice as soon)."""
+    study = generate_uid()
+    outcomes = await asyncio.gather(*(submit(index, parsed_instance(study)) for _ in range(12)))
+    assert [o.outcome for o in outcomes] == ["stored"] * 12
+    xmins = await index.pool.fetch(
+        "SELECT DISTINCT x FROM (SELECT i.xmin::text AS x FROM instance i JOIN series s ON s.pk = i.series_fk "
+        "JOIN study st ON st.pk = s.study_fk WHERE st.study_instance_uid = $1 "
+        "UNION ALL SELECT st.xmin::text FROM study st WHERE st.study_instance_uid = $1) AS t", study)
+    assert len(xmins) == 1
 
 
 async def test_batches_are_bounded_and_keep_the_queue_order(database_url: str, index: Index) -> None:
