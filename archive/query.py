@@ -123,10 +123,6 @@ def _prefix_range(sql: _Sql, expr: str, value: str) -> str:
     return conditions
 
 
-def _no_range(sql: _Sql, expr: str, value: str) -> str:
-    return ""
-
-
 def _has_wildcard(value: str) -> bool:
     return "*" in value or "?" in value
 
@@ -203,7 +199,6 @@ def _condition(sql: _Sql, expr: str, match: Match, vr: str, values: list[str], f
                column: bool = False) -> str | None:
     """SQL for one key's matching, or None for universal matching. `column`: `expr` is an index column,
     whose wildcard matches get a prefix range too (`_prefix_range`)."""
-    prefix_range = _prefix_range if column else _no_range
     if not values:
         return None
     if match is Match.UID:
@@ -231,14 +226,16 @@ def _condition(sql: _Sql, expr: str, match: Match, vr: str, values: list[str], f
                 p = _like_pattern(pattern.rstrip("*")) + "%"
                 ors.append(f"({expr} LIKE {sql.arg(p)} OR {expr} LIKE {sql.arg('%^' + p)})")
             elif _has_wildcard(pattern):
-                ors.append(f"{prefix_range(sql, expr, pattern)}{expr} LIKE {sql.arg(_like_pattern(pattern))}")
+                ranged = _prefix_range(sql, expr, pattern) if column else ""
+                ors.append(f"{ranged}{expr} LIKE {sql.arg(_like_pattern(pattern))}")
             else:
                 ors.append(f"{expr} = {sql.arg(pattern)}")
         else:
             if vr not in _NO_WILDCARD_VRS and _has_wildcard(v):
                 if v.strip("*") == "":
                     return None
-                ors.append(f"{prefix_range(sql, expr, v)}{expr} LIKE {sql.arg(_like_pattern(v))}")
+                ranged = _prefix_range(sql, expr, v) if column else ""
+                ors.append(f"{ranged}{expr} LIKE {sql.arg(_like_pattern(v))}")
             else:
                 ors.append(f"{expr} = {sql.arg(v)}")
     return ors[0] if len(ors) == 1 else "(" + " OR ".join(ors) + ")"
