@@ -167,6 +167,10 @@ class StorageSettings(_Section):
     root: Path | None = None  # None: <data_dir>/objects
     fsync: bool = True
     digest: DigestAlgorithm = DigestAlgorithm.blake3
+    # filesystem: objects up to this size are written into preallocated segment files rather than into a file
+    # each (archive/segments.py); 0: a file per object
+    pack_max_bytes: int = Field(16 << 20, ge=0)
+    segment_bytes: int = Field(256 << 20, ge=1 << 20)  # the largest segment (a writer's first is 16 MiB)
     rados: RadosSettings = RadosSettings()
     # storage classes and the rules that choose them (archive/policy.py); None: one class "default" on the
     # configured pool (rados.pool) or the root. Read at start and again on SIGHUP.

@@ -223,6 +223,17 @@ class Index:
         except _DB_ERRORS as exc:
             raise _translate(exc) from exc
 
+    async def locations_under(self, store: str, prefix: str, *, timeout: float) -> set[str]:
+        """Every location beginning with `prefix` that the index names (as `has_object` decides for one)."""
+        try:
+            rows = await self.pool.fetch(
+                "SELECT location FROM instance WHERE store = $1 AND starts_with(location, $2) UNION "
+                "SELECT from_location FROM storage_move WHERE from_store = $1 AND starts_with(from_location, $2) "
+                "AND state = 'switched'", store, prefix, timeout=timeout)
+        except _DB_ERRORS as exc:
+            raise _translate(exc) from exc
+        return {r[0] for r in rows}
+
     async def count_instances(self, *, timeout: float) -> int:
         try:
             return await self.pool.fetchval("SELECT count(*) FROM instance", timeout=timeout)

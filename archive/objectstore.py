@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Protocol
 
 from archive import digest as digests
+from archive import segments
 from archive.config import DigestAlgorithm
 from archive.errors import StorageError
 
@@ -37,7 +38,7 @@ class ObjectStore(Protocol):
     name: str
 
     async def put(self, key: str, parts: Sequence[bytes], *, digest: str | None = None,
-                  timeout: float) -> StoredObject: ...
+                  timeout: float, pack_prefix: str | None = None) -> StoredObject: ...
 
     async def get(self, location: str, *, offset: int = 0, timeout: float) -> bytes: ...
 
@@ -62,18 +63,25 @@ class FileSystemStore:
     and its flush on every instance. Only a put over an existing name (a retried move copying to the
     location it planned) goes through a temporary file renamed over the old one, so what was there is
     replaced whole or not at all.
+    With `pack_max_bytes`, a put given a `pack_prefix` (an ingest's; archive/ingest.py) of an object up to that
+    size writes it into a segment file under `<root>/<pack_prefix>.segments/` instead (archive/segments.py):
+    the store then chooses the location.
     Blocking calls run in the default thread pool, never on the event loop.
     """
 
     name = "filesystem"
 
-    def __init__(self, root: Path, *, fsync: bool = True, digest: DigestAlgorithm = DigestAlgorithm.blake3) -> None:
+    def __init__(self, root: Path, *, fsync: bool = True, digest: DigestAlgorithm = DigestAlgorithm.blake3,
+                 pack_max_bytes: int = 0, segment_bytes: int = 256 << 20) -> None:
         self.root = Path(root).resolve()
         self.digest = digest
         self.root.mkdir(parents=True, exist_ok=True)
         self._root_text = str(self.root)
         self._root_prefix = self._root_text.rstrip("/") + "/"
         self._fsync = fsync
+        self.pack_max_bytes = pack_max_bytes
+        self._writer = segments.SegmentWriter(self._root_text, segment_bytes=segment_bytes,
+                                              fsync=fsync) if pack_max_bytes else None
         # POSIX makes a new file's name durable only with an fsync of its directory. ext4, XFS and btrfs
         # persist it with the file's own fsync (ext4: the journal commit, or ext4_sync_parent without a
         # journal; XFS: the log force covers the create; btrfs: the tree log holds the new name), and the
@@ -158,22 +166,62 @@ class FileSystemStore:
                 _fsync_dir(d.parent)
 
     async def put(self, key: str, parts: Sequence[bytes], *, digest: str | None = None,
-                  timeout: float = 60.0) -> StoredObject:
-        """Write `parts` as one object under `key`; `digest` if the caller already computed it."""
+                  timeout: float = 60.0, pack_prefix: str | None = None) -> StoredObject:
+        """Write `parts` as one object under `key`; `digest` if the caller already computed it. With `pack_prefix`
+        (and packing configured), a small object goes into a segment under that prefix, at a location of the
+        store's choosing."""
         if digest is not None:
             digests.algorithm_of(digest)  # StorageError for a digest nobody could verify later
+        if pack_prefix is not None and self._writer is not None:
+            size = sum(map(len, parts))
+            if size <= self.pack_max_bytes and segments.region_length(size) <= self._writer.segment_bytes:
+                return await self._in_thread(self._put_packed_sync, pack_prefix, key, parts, size, digest,
+                                             timeout=timeout)
         return await self._in_thread(self._put_sync, key, parts, digest, timeout=timeout)
 
+    def _put_packed_sync(self, prefix: str, key: str, parts: Sequence[bytes], size: int,
+                         digest: str | None) -> StoredObject:
+        assert self._writer is not None
+        self._path(prefix + segments.SEGMENTS_DIR)  # StorageError for a prefix outside the root
+        length = segments.region_length(size)
+        segment, start = self._writer.reserve(prefix, length)
+        h = digests.hasher(self.digest) if digest is None else None
+        try:
+            try:
+                segments.write_object(segment, start, key, parts, size, h, self._fsync)
+            except BaseException:
+                with contextlib.suppress(OSError):  # whatever reached the disk is no object any more
+                    segments.punch(segment.fd, start, length)
+                raise
+        finally:
+            self._writer.release(segment)
+        location = segments.PackedLocation(segment.segment, start + segments.HEADER_BYTES, size)
+        return StoredObject(location=location.text(), size=size,
+                            digest=digest or digests.text(self.digest, h))  # type: ignore[arg-type]
+
     def _get_sync(self, location: str, offset: int) -> bytes:
-        with open(self._path(location), "rb") as f:
-            f.seek(offset)
-            return f.read()
+        packed = segments.parse_location(location)
+        if packed is None:
+            with open(self._path(location), "rb") as f:
+                f.seek(offset)
+                return f.read()
+        with segments.opened(str(self._path(packed.segment))) as fd:
+            want = max(0, packed.size - offset)
+            data = os.pread(fd, want, packed.offset + offset) if want else b""
+        if len(data) != want:
+            raise StorageError(f"filesystem store: {location} ends after {len(data)} of {want} bytes")
+        return data
 
     async def get(self, location: str, *, offset: int = 0, timeout: float = 60.0) -> bytes:
         return await self._in_thread(self._get_sync, location, offset, timeout=timeout)
 
     async def stream(self, location: str, *, offset: int = 0, chunk_size: int = _CHUNK) -> AsyncIterator[bytes]:
         loop = asyncio.get_running_loop()
+        packed = segments.parse_location(location)
+        if packed is not None:
+            async for chunk in self._stream_packed(packed, location, offset, chunk_size):
+                yield chunk
+            return
         try:
             f = await loop.run_in_executor(None, open, self._path(location), "rb")
         except OSError as exc:
@@ -185,19 +233,55 @@ class FileSystemStore:
         finally:
             f.close()
 
+    async def _stream_packed(self, packed: segments.PackedLocation, location: str, offset: int,
+                             chunk_size: int) -> AsyncIterator[bytes]:
+        loop = asyncio.get_running_loop()
+        try:
+            fd = await loop.run_in_executor(None, os.open, self._path(packed.segment), os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise StorageError(f"filesystem store: {exc}") from exc
+        try:
+            at = min(offset, packed.size)
+            while at < packed.size:
+                chunk = await loop.run_in_executor(None, os.pread, fd, min(chunk_size, packed.size - at),
+                                                   packed.offset + at)
+                if not chunk:
+                    raise StorageError(f"filesystem store: {location} ends after {at} of {packed.size} bytes")
+                at += len(chunk)
+                yield chunk
+        finally:
+            os.close(fd)
+
     def _delete_sync(self, location: str) -> None:
-        self._path(location).unlink(missing_ok=True)
+        packed = segments.parse_location(location)
+        if packed is None:
+            self._path(location).unlink(missing_ok=True)
+            return
+        try:
+            fd = os.open(self._path(packed.segment), os.O_WRONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return
+        try:
+            segments.punch(fd, *packed.region)  # its blocks freed; the sweeper removes a segment left empty
+        finally:
+            os.close(fd)
 
     async def delete(self, location: str, *, timeout: float = 60.0) -> None:
         await self._in_thread(self._delete_sync, location, timeout=timeout)
 
     async def stat(self, location: str, *, timeout: float = 60.0) -> int:
-        return await self._in_thread(lambda: self._path(location).stat().st_size, timeout=timeout)
+        packed = segments.parse_location(location)
+        if packed is None:
+            return await self._in_thread(lambda: self._path(location).stat().st_size, timeout=timeout)
+        await self._in_thread(self._path(packed.segment).stat, timeout=timeout)  # FileNotFoundError -> StorageError
+        return packed.size
 
     def _scan_sync(self, age_seconds: float) -> list[str]:
         cutoff = time.time() - age_seconds
         found = []
-        for dirpath, _dirs, files in os.walk(self.root):
+        for dirpath, dirs, files in os.walk(self.root):
+            if segments.SEGMENTS_DIR in dirs:  # segments are pruned whole (`prune_segment`), not listed
+                dirs.remove(segments.SEGMENTS_DIR)
             for name in files:
                 p = Path(dirpath) / name
                 try:
@@ -208,10 +292,48 @@ class FileSystemStore:
         return found
 
     async def list_older_than(self, age_seconds: float) -> AsyncIterator[str]:
-        """Every object (and stale temp file) last modified more than `age_seconds` ago."""
+        """Every object in a file of its own (and stale temp file) last modified more than `age_seconds` ago."""
         loop = asyncio.get_running_loop()
         for location in await loop.run_in_executor(None, self._scan_sync, age_seconds):
             yield location
+
+    def _idle_segments_sync(self, age_seconds: float) -> list[str]:
+        cutoff = time.time() - age_seconds
+        idle = []
+        for path, segment in segments.segments_under(self._root_text):
+            with contextlib.suppress(FileNotFoundError):
+                if os.stat(path).st_mtime <= cutoff:
+                    idle.append(segment)
+        return idle
+
+    async def idle_segments(self, age_seconds: float, *, timeout: float = 60.0) -> list[str]:
+        """The segments (archive/segments.py) last written more than `age_seconds` ago."""
+        return await self._in_thread(self._idle_segments_sync, age_seconds, timeout=timeout)
+
+    async def prune_segment(self, segment: str, keep: set[str], *, timeout: float = 60.0) -> int:
+        """Free every range of a segment holding no object whose location is in `keep` (those the index names);
+        remove the segment if it keeps none; leave it alone while a writer holds it. The objects removed."""
+        def prune() -> int:
+            try:
+                return segments.prune(str(self._path(segment)), segment, keep)[0]
+            except FileNotFoundError:
+                return 0
+        return await self._in_thread(prune, timeout=timeout)
+
+    async def packed_objects(self, *, timeout: float = 60.0) -> list[tuple[str, str]]:
+        """(location, key) of every object in a segment (for an operator's listing, and tests)."""
+        def listing() -> list[tuple[str, str]]:
+            found = []
+            for path, segment in segments.segments_under(self._root_text):
+                with contextlib.suppress(FileNotFoundError), segments.opened(path) as fd:
+                    found += [(loc.text(), key) for loc, key in segments.scan(fd, segment)]
+            return found
+        return await self._in_thread(listing, timeout=timeout)
+
+    def close(self) -> None:
+        """Seal the segments being written (their descriptors closed once their puts are done)."""
+        if self._writer is not None:
+            self._writer.close()
 
 
 _NAME_SYNCED_WITH_FILE = frozenset({"ext4", "xfs", "btrfs"})

@@ -354,8 +354,9 @@ class RadosStore:
     # -- writing -------------------------------------------------------------------------------------------
 
     async def put(self, key: str, parts: Sequence[bytes], *, digest: str | None = None,
-                  timeout: float = 60.0) -> StoredObject:
-        """Write `parts` as one object under `key` (manifest last); `digest` if the caller already computed it."""
+                  timeout: float = 60.0, pack_prefix: str | None = None) -> StoredObject:
+        """Write `parts` as one object under `key` (manifest last); `digest` if the caller already computed it.
+        `pack_prefix` is ignored: every RADOS object is its own unit of allocation already."""
         if not key or key.startswith("/") or _PART_SUFFIX.search(key):
             raise StorageError(f"{key!r} cannot name a RADOS object")
         data = [p if isinstance(p, bytes) else bytes(p) for p in parts] or [b""]

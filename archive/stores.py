@@ -47,8 +47,12 @@ class Placement:
         return self.location_prefix + key
 
     async def put(self, key: str, parts: Sequence[bytes], *, digest: str | None = None,
-                  timeout: float) -> StoredObject:
-        return await self.store.put(self.key_prefix + key, parts, digest=digest, timeout=timeout)
+                  timeout: float, pack: bool = False) -> StoredObject:
+        """Write an object; its location is `location_of(key)`, unless `pack` lets a filesystem store put it in a
+        segment (archive/segments.py) at a location of its choosing (ingest does; a move, which journals the
+        location first, does not)."""
+        return await self.store.put(self.key_prefix + key, parts, digest=digest, timeout=timeout,
+                                    pack_prefix=self.key_prefix if pack else None)
 
 
 class _Backend(Protocol):
@@ -124,7 +128,7 @@ class _UnknownStore:
                      f"(configured: {', '.join(known) or 'none'})")
 
     async def put(self, key: str, parts: Sequence[bytes], *, digest: str | None = None,
-                  timeout: float = 60.0) -> StoredObject:
+                  timeout: float = 60.0, pack_prefix: str | None = None) -> StoredObject:
         raise StorageError(self._why)
 
     async def get(self, location: str, *, offset: int = 0, timeout: float = 60.0) -> bytes:
@@ -210,6 +214,13 @@ async def _placements(backend: _Backend, policy: Policy) -> dict[str, Placement]
     return {name: await backend.place(c) for name, c in policy.classes.items()}
 
 
+def filesystem_store(settings: Settings) -> FileSystemStore:
+    """The filesystem store `settings` configure."""
+    s = settings.storage
+    return FileSystemStore(settings.object_root, fsync=s.fsync, digest=s.digest, pack_max_bytes=s.pack_max_bytes,
+                           segment_bytes=s.segment_bytes)
+
+
 @contextlib.asynccontextmanager
 async def open_stores(settings: Settings, policy: Policy | None = None) -> AsyncIterator[StoreRegistry]:
     """The stores `settings` configure, placed by `policy` (None: one class "default" on the configured pool);
@@ -228,8 +239,7 @@ async def open_stores(settings: Settings, policy: Policy | None = None) -> Async
             await connection.close()
             raise
     else:
-        backend = _FileSystemBackend(FileSystemStore(settings.object_root, fsync=settings.storage.fsync,
-                                                     digest=settings.storage.digest))
+        backend = _FileSystemBackend(filesystem_store(settings))
         registry = await StoreRegistry.create(backend, policy or Policy.single(None))
     try:
         yield registry

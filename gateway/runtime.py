@@ -24,12 +24,12 @@ from archive.database import create_pool, migrate
 from archive.embedded_pg import EmbeddedPostgres
 from archive.index import Index
 from archive.ingest import Ingestor, sweep_orphans
-from archive.objectstore import FileSystemStore, ObjectStore
+from archive.objectstore import ObjectStore
 from archive.moves import Mover
 from archive.policy import load_policy
 from archive.errors import VnaError
 from archive.services import ArchiveServices
-from archive.stores import StoreRegistry, open_stores
+from archive.stores import StoreRegistry, filesystem_store, open_stores
 from gateway.dimse.server import DimseServer
 from gateway.web.app import build_app
 from metrics.registry import Metrics
@@ -62,7 +62,7 @@ async def build_store(settings: Settings) -> AsyncIterator[ObjectStore]:
         finally:
             await store.close()
         return
-    yield FileSystemStore(settings.object_root, fsync=settings.storage.fsync, digest=settings.storage.digest)
+    yield filesystem_store(settings)
 
 
 @contextlib.asynccontextmanager

@@ -2,7 +2,8 @@
 
 Tests that check the objects themselves (nothing left behind, the bytes stored as received, an object
 removed) use `StoredObjects.of(rt.settings)`: on the filesystem the files under the store's root (a
-location is the path relative to it), on RADOS the objects of the server's pool read with librados
+location is the path relative to it) and the objects packed in segment files, found by their headers
+(layout in archive/segments.py: a location `<segment>@<offset>+<size>`), on RADOS the objects of the server's pool read with librados
 directly (a location is `<pool>/<key>`), not through vna's own RadosStore. For RADOS it follows the
 layout documented in archive/rados_store.py: an object `key` whose extended attribute `vna.manifest`
 gives its size and SHA-256, holding the bytes itself ("inline") or, for larger ones, the JSON manifest
@@ -18,7 +19,9 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import os
 import re
+import struct
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -60,10 +63,7 @@ class StoredObjects:
     async def locations(self) -> set[str]:
         """Every object in the store, by the location the index would name it."""
         if self.root is not None:
-            root = self.root
-            return await asyncio.to_thread(
-                lambda: {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
-                if root.exists() else set())
+            return await asyncio.to_thread(_filesystem_locations, self.root)
 
         def listing(io: Any) -> set[str]:
             names = {o.key for o in io.list_objects()}
@@ -74,7 +74,7 @@ class StoredObjects:
     async def read(self, location: str) -> bytes:
         """The whole object; on RADOS its size and SHA-256 are checked against its manifest."""
         if self.root is not None:
-            return await asyncio.to_thread((self.root / location).read_bytes)
+            return await asyncio.to_thread(_read_file, self.root, location)
         return await self._with_ioctx(lambda io: self._read_rados(io, self._key(location)))
 
     async def contents(self) -> dict[str, bytes]:
@@ -88,6 +88,9 @@ class StoredObjects:
     async def part_sizes(self, location: str) -> list[int]:
         """The sizes of the pieces the object is stored in: one file; one RADOS object, or its parts."""
         if self.root is not None:
+            packed = PACKED.match(location)
+            if packed:
+                return [int(packed["size"])]
             return [(await asyncio.to_thread((self.root / location).stat)).st_size]
 
         def sizes(io: Any) -> list[int]:
@@ -106,7 +109,7 @@ class StoredObjects:
     async def remove(self, location: str) -> None:
         """Remove an object (and its parts) as an operator's mistake or a lost disk would."""
         if self.root is not None:
-            await asyncio.to_thread((self.root / location).unlink)
+            await asyncio.to_thread(_remove_file, self.root, location)
             return
 
         def remove(io: Any) -> None:
@@ -115,6 +118,11 @@ class StoredObjects:
             for name in sorted(n for n in names if n == key or PART_SUFFIX.sub("", n) == key):
                 io.remove_object(name)
         await self._with_ioctx(remove)
+
+    async def rewrite(self, location: str, data: bytes) -> None:
+        """Overwrite a filesystem object's bytes in place with as many others (bit rot, or its repair)."""
+        assert self.root is not None
+        await asyncio.to_thread(_rewrite_file, self.root, location, data)
 
     async def write_raw(self, location: str, data: bytes) -> None:
         """A file, or a RADOS object without manifest (what an interrupted write leaves)."""
@@ -178,6 +186,81 @@ class StoredObjects:
         assert len(data) == size, f"{key}: {len(data)} bytes, its manifest says {size}"
         assert digest_text(data, head["digest"]) == head["digest"], f"{key} does not match its digest"
         return data
+
+
+# -- the filesystem, read without vna's code: layout as archive/segments.py documents it -------------------
+
+PACKED = re.compile(r"^(?P<segment>(?:.*/)?\.segments/[^/@]+\.seg)@(?P<offset>\d+)\+(?P<size>\d+)$")
+SEGMENT_MAGIC = b"VNASEG01"
+SEGMENT_HEADER = 512
+SEGMENT_ALIGN = 4096
+
+
+def _segment_objects(path: Path, segment: str) -> set[str]:
+    """The objects in one segment: every 4096-byte boundary that begins with a header, skipping its region."""
+    found = set()
+    with open(path, "rb") as f:
+        end = os.fstat(f.fileno()).st_size
+        offset = 0
+        while offset + SEGMENT_HEADER <= end:
+            head = os.pread(f.fileno(), SEGMENT_HEADER, offset)
+            if not head.startswith(SEGMENT_MAGIC):
+                offset += SEGMENT_ALIGN
+                continue
+            size = struct.unpack_from("<Q", head, len(SEGMENT_MAGIC))[0]
+            found.add(f"{segment}@{offset + SEGMENT_HEADER}+{size}")
+            offset += -(-(SEGMENT_HEADER + size) // SEGMENT_ALIGN) * SEGMENT_ALIGN
+    return found
+
+
+def _filesystem_locations(root: Path) -> set[str]:
+    if not root.exists():
+        return set()
+    found = set()
+    for p in root.rglob("*"):
+        if not p.is_file():
+            continue
+        relative = p.relative_to(root).as_posix()
+        if p.parent.name == ".segments" and p.name.endswith(".seg"):
+            found |= _segment_objects(p, relative)
+        else:
+            found.add(relative)
+    return found
+
+
+def _read_file(root: Path, location: str) -> bytes:
+    packed = PACKED.match(location)
+    if not packed:
+        return (root / location).read_bytes()
+    with open(root / packed["segment"], "rb") as f:
+        offset, size = int(packed["offset"]), int(packed["size"])
+        head = os.pread(f.fileno(), SEGMENT_HEADER, offset - SEGMENT_HEADER)
+        assert head.startswith(SEGMENT_MAGIC) and struct.unpack_from("<Q", head, 8)[0] == size, f"no object at {location}"
+        data = os.pread(f.fileno(), size, offset)
+    assert len(data) == size, f"{location}: {len(data)} bytes"
+    return data
+
+
+def _rewrite_file(root: Path, location: str, data: bytes) -> None:
+    packed = PACKED.match(location)
+    if not packed:
+        assert (root / location).stat().st_size == len(data)
+        (root / location).write_bytes(data)
+        return
+    assert int(packed["size"]) == len(data)
+    with open(root / packed["segment"], "r+b") as f:
+        os.pwrite(f.fileno(), data, int(packed["offset"]))
+
+
+def _remove_file(root: Path, location: str) -> None:
+    packed = PACKED.match(location)
+    if not packed:
+        (root / location).unlink()
+        return
+    # as a lost region would: its header and bytes gone (zeros where they were)
+    offset, size = int(packed["offset"]), int(packed["size"])
+    with open(root / packed["segment"], "r+b") as f:
+        os.pwrite(f.fileno(), bytes(SEGMENT_HEADER + size), offset - SEGMENT_HEADER)
 
 
 @contextlib.contextmanager

@@ -41,6 +41,7 @@ from archive.policy import parse_policy
 from archive.stores import StoreRegistry, open_stores
 from gateway.runtime import Runtime
 from metrics.registry import Metrics
+from tests.stored_objects import StoredObjects
 from tests.ceph_policy import (cli_env, cluster3, make_ct, monitor, part10, pool_objects, purge, object_digest, stow,
                                storage_for, storescu)
 
@@ -256,7 +257,8 @@ async def test_a_reader_of_the_old_copy_is_served_during_the_grace(fs_archive: t
     await ingestor.ingest_part10(data, protocol="dicomweb", source="dicomweb")
     before = (await rows(index))[sop]
     assert before["storage_class"] == "fast" and before["location"].startswith("fast2/")
-    assert (tmp_path / "objects" / before["location"]).read_bytes() == data
+    objects = StoredObjects(root=tmp_path / "objects")
+    assert await objects.read(before["location"]) == data
 
     # a reader locates the instance (old location) ... the move switches the row ...
     mover = Mover(index.pool, stores, Metrics(), grace_seconds=1.5)
@@ -274,8 +276,8 @@ async def test_a_reader_of_the_old_copy_is_served_during_the_grace(fs_archive: t
     await asyncio.sleep(1.6)
     report = await mover.run()
     assert (report.moved, report.deleted) == (0, 1)
-    assert not (tmp_path / "objects" / before["location"]).exists()
-    assert (tmp_path / "objects" / after["location"]).read_bytes() == data
+    assert not await objects.exists(before["location"])
+    assert await objects.read(after["location"]) == data
     assert await pending_counts(index.pool) == {"done": 1}
 
 
@@ -311,8 +313,8 @@ async def test_a_copy_with_another_digest_is_not_switched(fs_archive: tuple[Stor
     await ingestor.ingest_part10(data, protocol="dicomweb", source="dicomweb")
     before = (await rows(index))[sop]
     # the stored object rots: its bytes no longer have the digest the index recorded at ingest
-    path = tmp_path / "objects" / before["location"]
-    path.write_bytes(data[:-2] + b"\xff\xff")
+    objects = StoredObjects(root=tmp_path / "objects")
+    await objects.rewrite(before["location"], data[:-2] + b"\xff\xff")
     report = await Mover(index.pool, stores, Metrics(), grace_seconds=0).run()
     assert (report.moved, report.failed) == (0, 1)
     assert "reads back as" in report.errors[0]
@@ -320,12 +322,12 @@ async def test_a_copy_with_another_digest_is_not_switched(fs_archive: tuple[Stor
     assert not list((tmp_path / "objects" / "slow").rglob("*.dcm"))  # the bad copy removed
     assert await pending_counts(index.pool) == {"pending": 1}         # retried by the next run
 
-    path.write_bytes(data)  # repaired (e.g. from a replica): the next run resumes the pending move
+    await objects.rewrite(before["location"], data)  # repaired (e.g. from a replica): the next run resumes the pending move
     report = await Mover(index.pool, stores, Metrics(), grace_seconds=0).run()
     assert (report.resumed, report.moved, report.deleted) == (1, 1, 1)
     moved = (await rows(index))[sop]
     assert moved["storage_class"] == "slow"
-    assert object_digest((tmp_path / "objects" / moved["location"]).read_bytes()) == moved["digest"]
+    assert object_digest(await objects.read(moved["location"])) == moved["digest"]
 
 
 async def test_one_mover_at_a_time(fs_archive: tuple[StoreRegistry, Ingestor], index: Index) -> None:

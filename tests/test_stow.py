@@ -576,7 +576,8 @@ async def test_a_client_gone_mid_body_leaves_only_its_complete_parts(vna: Runtim
     assert len(await object_files(vna)) == 1
 
 
-async def test_a_failing_object_store_is_a_processing_failure(vna: Runtime, http: aiohttp.ClientSession) -> None:
+async def test_a_failing_object_store_is_a_processing_failure(vna_factory: Any, http: aiohttp.ClientSession) -> None:
+    vna = await vna_factory(storage={"pack_max_bytes": 0})  # a file per object
     blocked_study = generate_uid()
     # a file where the store wants the study's directory: every write into that study fails
     (vna.settings.object_root / blocked_study).write_bytes(b"")
@@ -591,6 +592,18 @@ async def test_a_failing_object_store_is_a_processing_failure(vna: Runtime, http
     status, _, payload, _ = await post(http, f"{root(vna)}/studies", multipart(make_instance(study=blocked_study)))
     assert status == 503 and [value(i, "00081197") for i in seq(payload, "00081198")] == [0x0110]
     assert await stored_sops(vna, http) == {uids_of(fine)[1]}
+
+
+async def test_a_failing_segment_store_is_a_processing_failure(vna: Runtime, http: aiohttp.ClientSession) -> None:
+    # a file where the store wants its segments' directory (archive/segments.py): no object can be written
+    (vna.settings.object_root / ".segments").write_bytes(b"")
+    instance = make_instance()
+    status, _, payload, response = await post(http, f"{root(vna)}/studies", multipart(instance))
+    assert status == 503 and [value(i, "00081197") for i in seq(payload, "00081198")] == [0x0110]
+    assert "filesystem store" in response.headers["Warning"]
+    (vna.settings.object_root / ".segments").unlink()  # the disk is back: the same request succeeds
+    status, _, payload, _ = await post(http, f"{root(vna)}/studies", multipart(instance))
+    assert status == 200 and await stored_sops(vna, http) == {uids_of(instance)[1]}
 
 
 async def test_parts_stored_at_once_are_answered_in_body_order(vna: Runtime, http: aiohttp.ClientSession,
