@@ -213,6 +213,10 @@ class Settings(BaseSettings):
     # has its own database pool); 1: no workers, the serving process itself listens. Limits such as
     # dicom.max_associations and database.pool_max apply per worker.
     workers: int = Field(0, ge=0, le=64)
+    # pin worker i (and its threads) to the i-th CPU of the process's affinity, when there are exactly as
+    # many workers as CPUs in it: a dedicated machine, or a pod given whole CPUs (static CPU manager). Never on
+    # a wider set, which other pods share. STOW-RS +10 % here (docs/performance.md).
+    worker_cpu_affinity: bool = True
     dicom: DicomSettings = DicomSettings()
     http: HttpSettings = HttpSettings()
     dicomweb: DicomwebSettings = DicomwebSettings()

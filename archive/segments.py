@@ -121,6 +121,17 @@ if _fallocate is not None:
     _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 
 
+def allocate(fd: int, size: int) -> None:
+    """Allocate [0, size) (Linux fallocate, mode 0: unwritten extents, nothing written). Not glibc's
+    posix_fallocate, which on a filesystem without fallocate writes every block instead; there the segment
+    simply grows with its objects."""
+    if _fallocate is not None and _fallocate(fd, 0, 0, size) == 0:
+        return
+    err = ctypes.get_errno() if _fallocate is not None else errno.ENOSYS
+    if err not in (errno.EOPNOTSUPP, errno.ENOSYS):
+        raise OSError(err, os.strerror(err))
+
+
 def punch(fd: int, start: int, length: int) -> bool:
     """Free the blocks of [start, start + length), which then read as zeros; False where the filesystem cannot
     (the range is then zeroed by a write, and its space stays taken until the segment is removed)."""
@@ -214,12 +225,7 @@ class SegmentWriter:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)  # new: nobody else holds it
-            try:
-                os.posix_fallocate(fd, 0, size)
-            except OSError as exc:
-                if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-                    raise
-                # a filesystem without fallocate: the segment grows with its objects
+            allocate(fd, size)
             if self.fsync:  # the segment's name, once per segment (its objects are synced with fdatasync)
                 _fsync_directory(directory)
                 if new_directory:

@@ -17,7 +17,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
 
 from archive.config import Settings
-from gateway.workers import AUTO_WORKERS_MAX, RoundRobin, available_cpus, worker_count
+from gateway.workers import AUTO_WORKERS_MAX, RoundRobin, available_cpus, worker_count, worker_cpu
 from tests.test_crash_recovery import HOST, vna_process
 from tests.test_robustness import make_ct
 from tests.test_stow import STOW_CT, make_instance, multipart
@@ -37,6 +37,14 @@ def test_worker_count_is_the_setting_or_the_cpus() -> None:
     assert worker_count(Settings(workers=0)) == min(available_cpus(), AUTO_WORKERS_MAX)
     assert worker_count(Settings(workers=12)) == 12  # set explicitly, not capped
     assert 1 <= available_cpus() <= len(os.sched_getaffinity(0))  # a cgroup quota may allow fewer
+
+
+def test_workers_are_pinned_only_when_they_have_the_cpus_to_themselves() -> None:
+    cpus = sorted(os.sched_getaffinity(0))
+    exact = Settings(workers=len(cpus))
+    assert [worker_cpu(exact, i) for i in range(len(cpus))] == cpus  # one CPU each, every CPU used
+    assert worker_cpu(Settings(workers=len(cpus), worker_cpu_affinity=False), 0) is None
+    assert worker_cpu(Settings(workers=len(cpus) + 1), 0) is None  # more workers than CPUs: the kernel decides
 
 
 # -- a live server --------------------------------------------------------------------------------------
@@ -130,6 +138,13 @@ async def test_a_worker_that_dies_is_replaced(tmp_path: Path, database_url: str)
     async with vna_process(tmp_path / "data", database_url, env=WORKERS) as vna:
         assert vna.proc is not None
         first, second = children(vna.proc.pid)
+        cpus = os.sched_getaffinity(vna.proc.pid)
+        pinned = len(cpus) == 2  # WORKERS is 2: each worker gets a CPU of its own where there are exactly two
+        if pinned:
+            assert {frozenset(os.sched_getaffinity(w)) for w in (first, second)} == {frozenset({c}) for c in cpus}
+        else:
+            assert os.sched_getaffinity(first) == os.sched_getaffinity(second) == cpus
+        cpu_of_first = os.sched_getaffinity(first)
         os.kill(first, signal.SIGKILL)
         deadline = time.monotonic() + 60
         while True:
@@ -139,6 +154,8 @@ async def test_a_worker_that_dies_is_replaced(tmp_path: Path, database_url: str)
             assert time.monotonic() < deadline, vna.log()
             await asyncio.sleep(0.1)
         assert "exited with status -9; starting another" in vna.log()
+        [replacement] = [w for w in now if w != second]
+        assert os.sched_getaffinity(replacement) == cpu_of_first  # the same index, the same CPU
         # every new connection is served, whichever worker it goes to
         for _ in range(4):
             async with aiohttp.ClientSession() as s, s.get(f"http://{HOST}:{vna.http_port}/readyz") as r:

@@ -386,7 +386,10 @@ async def store_instances(request: web.Request) -> web.StreamResponse:
     received = 0
     try:
         try:
-            async for chunk in request.content.iter_any():
+            # a received chunk at a time, as it came (iter_any would join what is buffered: a copy of the body)
+            async for chunk, _end_of_http_chunk in request.content.iter_chunks():
+                if not chunk:
+                    continue
                 over = received + len(chunk) > limit
                 if over:  # what is within the limit still counts: complete parts in it are stored
                     chunk = chunk[:limit - received]
