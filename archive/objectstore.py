@@ -206,8 +206,10 @@ class FileSystemStore:
                 f.seek(offset)
                 return f.read()
         with segments.opened(str(self._path(packed.segment))) as fd:
+            _check_region(fd, packed, location)
             want = max(0, packed.size - offset)
             data = os.pread(fd, want, packed.offset + offset) if want else b""
+            _check_region(fd, packed, location)  # not deleted while read: its bytes would read as zeros
         if len(data) != want:
             raise StorageError(f"filesystem store: {location} ends after {len(data)} of {want} bytes")
         return data
@@ -236,15 +238,30 @@ class FileSystemStore:
     async def _stream_packed(self, packed: segments.PackedLocation, location: str, offset: int,
                              chunk_size: int) -> AsyncIterator[bytes]:
         loop = asyncio.get_running_loop()
+        path = self._path(packed.segment)
+
+        def open_checked() -> int:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                _check_region(fd, packed, location)
+            except BaseException:
+                os.close(fd)
+                raise
+            return fd
+
+        def read(at: int) -> bytes:
+            chunk = os.pread(fd, min(chunk_size, packed.size - at), packed.offset + at)
+            if at + len(chunk) >= packed.size:  # the last chunk goes out only if the object was not deleted meanwhile
+                _check_region(fd, packed, location)
+            return chunk
         try:
-            fd = await loop.run_in_executor(None, os.open, self._path(packed.segment), os.O_RDONLY | os.O_CLOEXEC)
+            fd = await loop.run_in_executor(None, open_checked)
         except OSError as exc:
             raise StorageError(f"filesystem store: {exc}") from exc
         try:
             at = min(offset, packed.size)
             while at < packed.size:
-                chunk = await loop.run_in_executor(None, os.pread, fd, min(chunk_size, packed.size - at),
-                                                   packed.offset + at)
+                chunk = await loop.run_in_executor(None, read, at)
                 if not chunk:
                     raise StorageError(f"filesystem store: {location} ends after {at} of {packed.size} bytes")
                 at += len(chunk)
@@ -334,6 +351,14 @@ class FileSystemStore:
         """Seal the segments being written (their descriptors closed once their puts are done)."""
         if self._writer is not None:
             self._writer.close()
+
+
+def _check_region(fd: int, packed: segments.PackedLocation, location: str) -> None:
+    """StorageError unless the region still holds its object. A packed object deleted while it is read (a
+    DELETE, a replaced duplicate) reads as zeros, where a deleted file would still read whole: a reader must
+    fail (as it does on RADOS) rather than send zeros."""
+    if not segments.holds(fd, packed):
+        raise StorageError(f"filesystem store: no object at {location} (deleted)")
 
 
 _NAME_SYNCED_WITH_FILE = frozenset({"ext4", "xfs", "btrfs"})

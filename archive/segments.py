@@ -80,6 +80,12 @@ def parse_location(location: str) -> PackedLocation | None:
     return PackedLocation(m["segment"], offset, int(m["size"]))
 
 
+def holds(fd: int, location: PackedLocation) -> bool:
+    """Does the segment open as `fd` still hold the object at `location` (its header in place)?"""
+    head = os.pread(fd, _HEAD.size, location.offset - HEADER_BYTES)
+    return len(head) == _HEAD.size and _HEAD.unpack(head)[:2] == (MAGIC, location.size)
+
+
 def region_length(size: int) -> int:
     return -(-(HEADER_BYTES + size) // ALIGN) * ALIGN
 

@@ -86,6 +86,21 @@ async def test_delete_frees_the_region_and_nothing_else(tmp_path: Path) -> None:
     assert await store.get(objs[0].location, timeout=5) == b"A" * 200_000
     assert await store.get(objs[2].location, timeout=5) == b"C" * 200_000
     await store.delete(objs[1].location, timeout=5)  # deleting again is no error, as for a file
+    with pytest.raises(StorageError, match="deleted"):
+        await store.get(objs[1].location, timeout=5)  # an error, not zeros
+
+
+async def test_an_object_deleted_while_streamed_fails_the_stream_instead_of_sending_zeros(tmp_path: Path) -> None:
+    store = packed_store(tmp_path)
+    obj = await store.put("k/0", [b"z" * 100_000], pack_prefix="", timeout=5)
+    chunks = store.stream(obj.location, chunk_size=30_000)
+    assert await anext(chunks) == b"z" * 30_000
+    await store.delete(obj.location, timeout=5)
+    with pytest.raises(StorageError, match="deleted"):
+        async for _ in chunks:
+            pass
+    whole = await store.put("k/1", [b"w" * 100_000], pack_prefix="", timeout=5)
+    assert b"".join([c async for c in store.stream(whole.location, chunk_size=30_000)]) == b"w" * 100_000
 
 
 async def test_a_failed_write_leaves_no_object(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
