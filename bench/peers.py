@@ -121,6 +121,8 @@ def orthanc(workdir: Path, destinations: dict[str, tuple[str, int]], tcp_nodelay
     dsn = urlsplit(pg.ensure_running())
     try:
         dicom_port, http_port = free_port(), free_port()
+        while http_port == dicom_port:  # each call binds port 0 and lets go: the kernel may hand out one twice
+            http_port = free_port()
         config = {
             "Name": "bench-orthanc",
             "StorageDirectory": str(workdir / "storage"),
