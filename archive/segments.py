@@ -233,9 +233,9 @@ class SegmentWriter:
             fcntl.flock(fd, fcntl.LOCK_EX)  # new: nobody else holds it
             allocate(fd, size)
             if self.fsync:  # the segment's name, once per segment (its objects are synced with fdatasync)
-                _fsync_directory(directory)
+                fsync_directory(directory)
                 if new_directory:
-                    _fsync_directory(os.path.dirname(directory))
+                    fsync_directory(os.path.dirname(directory))
         except BaseException:
             os.close(fd)
             with contextlib.suppress(OSError):
@@ -264,7 +264,8 @@ def write_object(segment: Segment, start: int, key: str, parts: Sequence[bytes |
         os.fdatasync(segment.fd)
 
 
-def _fsync_directory(directory: str) -> None:
+def fsync_directory(directory: str | os.PathLike[str]) -> None:
+    """Make the entries of `directory` durable (a new name in it, POSIX fsync)."""
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
