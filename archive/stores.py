@@ -89,6 +89,10 @@ class _FileSystemBackend(_OneStore):
         prefix = f"{pool}/" if pool else ""
         return Placement(storage_class.name, self.store, pool, prefix, prefix)
 
+    async def close(self) -> None:
+        if isinstance(self.store, FileSystemStore):
+            self.store.close()  # the segments it writes into: descriptors and flocks let go
+
 
 class _RadosBackend:
     def __init__(self, connection: Any, part_size: int, default_pool: str, digest: DigestAlgorithm) -> None:
