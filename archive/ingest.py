@@ -2,13 +2,14 @@
 
 Order of work, so that nothing acknowledged is lost and nothing half-stored is visible:
 1. parse and validate (no I/O); refuse with InvalidInstance;
-2. write the object durably (hashing it as it is written) under a key of its own (UIDs and a random
-   part): no two ingests ever write the same object, so deleting one the index no longer names (a
-   replaced version, a refused or unneeded copy) cannot remove what a concurrent ingest of the same
-   bytes just indexed;
+2. write the object durably (hashing it as it is written) under a key of its own (UIDs and a part unique
+   to the write), or, on the filesystem, in a fresh region of a segment (archive/segments.py): no two
+   ingests ever write the same object, so deleting one the index no longer names (a replaced version, a
+   refused or unneeded copy) cannot remove what a concurrent ingest of the same bytes just indexed;
 3. index it in one transaction (the duplicate policy is applied there, under a row lock);
 4. only then report success. A crash between 2 and 3 leaves an object that no index row names:
-   `sweep_orphans` deletes such objects once they are older than the grace period.
+   `sweep_orphans` deletes such objects once they are older than the grace period (a segment's, once the
+   segment is unchanged for that long and no writer holds it).
 """
 
 from __future__ import annotations
